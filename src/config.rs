@@ -1,0 +1,513 @@
+//! Configuration: TOML file, environment and flags, checked before anything is bound.
+//!
+//! Every option has a built-in default, so `telespool` runs with no file at all.
+//! Unknown keys and bad values are errors that name the key and the line
+//! (`toml`'s span-carrying errors do the line/column part). Durations are strings
+//! such as `"200ms"` or `"10s"`; sizes are strings such as `"64MiB"` or plain
+//! integers (bytes). Precedence: flag, environment, file, default; the flag and
+//! environment overlay lives in `cli.rs`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The whole agent configuration, as read from `telespool.toml`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub receiver: ReceiverConfig,
+    pub buffer: BufferConfig,
+    pub batch: BatchConfig,
+    pub upstream: UpstreamConfig,
+    pub spool: SpoolConfig,
+    pub shutdown: ShutdownConfig,
+    pub durability: Durability,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReceiverConfig {
+    pub grpc: ListenerConfig,
+    pub http: ListenerConfig,
+    /// Largest accepted request body, after decompression.
+    pub max_request_bytes: ByteSize,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        ReceiverConfig {
+            grpc: ListenerConfig::on("127.0.0.1:4317"),
+            http: ListenerConfig::on("127.0.0.1:4318"),
+            max_request_bytes: ByteSize(4 << 20),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Address to bind; `enabled = false` turns the listener off.
+    pub listen: SocketAddr,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+impl ListenerConfig {
+    fn on(addr: &str) -> Self {
+        ListenerConfig {
+            listen: addr.parse().expect("built-in address is valid"),
+            enabled: true,
+        }
+    }
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig::on("127.0.0.1:0")
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BufferConfig {
+    /// Memory bound for all buffered request bytes, every signal together.
+    pub max_bytes: ByteSize,
+    /// How long a request may wait for room before it is refused as retryable.
+    #[serde(with = "duration")]
+    pub max_wait: Duration,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        BufferConfig {
+            max_bytes: ByteSize(64 << 20),
+            max_wait: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchConfig {
+    /// A batch is sealed when it holds this many items...
+    pub max_items: u64,
+    /// ...or this many bytes...
+    pub max_bytes: ByteSize,
+    /// ...or has been open this long.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_items: 8192,
+            max_bytes: ByteSize(4 << 20),
+            timeout: Duration::from_millis(200),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// OTLP/gRPC endpoint, `http://host:port` or `https://host:port`. None: no export.
+    pub endpoint: Option<String>,
+    /// Exports in flight at once (live data; replay has its own small share).
+    pub concurrency: usize,
+    /// Deadline of one export call.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    pub compression: Compression,
+    /// Extra gRPC metadata sent with every export (for example an auth token).
+    pub headers: BTreeMap<String, String>,
+    pub retry: RetryConfig,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            endpoint: None,
+            concurrency: 4,
+            timeout: Duration::from_secs(10),
+            compression: Compression::Gzip,
+            headers: BTreeMap::new(),
+            retry: RetryConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    Gzip,
+    None,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    #[serde(with = "duration")]
+    pub initial_backoff: Duration,
+    #[serde(with = "duration")]
+    pub max_backoff: Duration,
+    /// A batch retrying longer than this goes to the spool.
+    #[serde(with = "duration")]
+    pub max_elapsed: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(30),
+            max_elapsed: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// SQLite file. None: `$STATE_DIRECTORY/spool.db`, else `./telespool-data/spool.db`.
+    pub path: Option<PathBuf>,
+    /// Bound on the spool file (enforced by SQLite's `max_page_count`).
+    pub max_bytes: ByteSize,
+    pub when_full: WhenFull,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            path: None,
+            max_bytes: ByteSize(1 << 30),
+            when_full: WhenFull::Backpressure,
+        }
+    }
+}
+
+impl SpoolConfig {
+    /// The spool path after applying the documented defaults.
+    pub fn resolved_path(&self) -> PathBuf {
+        if let Some(path) = &self.path {
+            return path.clone();
+        }
+        match std::env::var_os("STATE_DIRECTORY") {
+            // systemd may pass several colon-separated directories; the first is ours.
+            Some(dirs) if !dirs.is_empty() => {
+                let first = dirs
+                    .to_string_lossy()
+                    .split(':')
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
+                Path::new(&first).join("spool.db")
+            }
+            _ => Path::new("telespool-data").join("spool.db"),
+        }
+    }
+}
+
+/// What to do when the spool has no room left.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Refuse new data with a retryable answer; never drop acknowledged data.
+    Backpressure,
+    /// Delete the oldest spooled batches to make room, counting every dropped item.
+    DropOldest,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long open batches may take to reach upstream after a stop signal.
+    #[serde(with = "duration")]
+    pub flush_budget: Duration,
+    /// Hard deadline for the whole shutdown sequence.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            flush_budget: Duration::from_secs(10),
+            timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// When an export request is acknowledged.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Once it is in the memory buffer.
+    #[default]
+    Memory,
+    /// Once it is committed to the spool.
+    Spool,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub enabled: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 13133)),
+            enabled: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter directive such as `info` or `telespool=debug`; `RUST_LOG` wins.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file named by `--config` could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key or a bad value; the message
+    /// from `toml` names the key, line and column.
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A flag or environment variable has a bad value.
+    #[error("invalid value for {key}: {message}")]
+    Override { key: String, message: String },
+    /// Values that are each valid but do not fit together.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Parse TOML text; `origin` names the file in errors.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        Ok(config)
+    }
+
+    /// Read and parse a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Check values that are individually well-formed but unusable together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.batch.max_items == 0 {
+            return bad("batch.max_items must be at least 1".into());
+        }
+        if self.batch.max_bytes.0 == 0 {
+            return bad("batch.max_bytes must be at least 1 byte".into());
+        }
+        if self.buffer.max_bytes.0 < self.receiver.max_request_bytes.0 {
+            return bad(format!(
+                "buffer.max_bytes ({}) must be at least receiver.max_request_bytes ({}), \
+                 or a largest request could never be accepted",
+                self.buffer.max_bytes, self.receiver.max_request_bytes
+            ));
+        }
+        if self.buffer.max_bytes.0 > u32::MAX as u64 {
+            return bad(format!(
+                "buffer.max_bytes ({}) must be below 4GiB",
+                self.buffer.max_bytes
+            ));
+        }
+        if self.upstream.concurrency == 0 {
+            return bad("upstream.concurrency must be at least 1".into());
+        }
+        if self.upstream.timeout.is_zero() {
+            return bad("upstream.timeout must be above 0s".into());
+        }
+        if self.upstream.retry.initial_backoff > self.upstream.retry.max_backoff {
+            return bad(
+                "upstream.retry.initial_backoff must not exceed upstream.retry.max_backoff".into(),
+            );
+        }
+        if let Some(endpoint) = &self.upstream.endpoint {
+            let uri: http::Uri = endpoint.parse().map_err(|e| {
+                ConfigError::Invalid(format!("upstream.endpoint {endpoint:?} is not a URL: {e}"))
+            })?;
+            match uri.scheme_str() {
+                Some("http") | Some("https") => {}
+                _ => {
+                    return bad(format!(
+                        "upstream.endpoint {endpoint:?} must start with http:// or https://"
+                    ))
+                }
+            }
+            if uri.host().is_none() {
+                return bad(format!("upstream.endpoint {endpoint:?} has no host"));
+            }
+        }
+        if self.shutdown.flush_budget > self.shutdown.timeout {
+            return bad(format!(
+                "shutdown.flush_budget ({}) must not exceed shutdown.timeout ({})",
+                humantime::format_duration(self.shutdown.flush_budget),
+                humantime::format_duration(self.shutdown.timeout)
+            ));
+        }
+        if self.spool.max_bytes.0 < 64 * 1024 {
+            return bad("spool.max_bytes must be at least 64KiB".into());
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, for `check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// A size in bytes; in TOML a plain integer or a string such as `"64MiB"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn as_usize(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(&str, u64); 4] = [
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+            ("B", 1),
+        ];
+        for (unit, size) in UNITS {
+            if self.0 >= size && self.0 % size == 0 {
+                return write!(f, "{}{unit}", self.0 / size);
+            }
+        }
+        write!(f, "{}B", self.0)
+    }
+}
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size: expected a number such as \"64MiB\""))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?} in {s:?}: use B, KiB, MiB, GiB, KB, MB or GB"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "expected a size: bytes as an integer or a string such as \"64MiB\"",
+            )
+        })? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+/// Parse a duration such as `"200ms"`, `"10s"` or `"5m"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("{s:?} is not a duration ({e}): expected a string such as \"200ms\" or \"10s\"")
+    })
+}
+
+/// Serde adapter for durations written as strings (`"200ms"`).
+pub mod duration {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a duration string such as \"200ms\" or \"10s\"")
+        })?;
+        parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
