@@ -13,5 +13,17 @@
 //! order of the stop sequence.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod app;
+pub mod batch;
+pub mod buffer;
+pub mod cli;
 pub mod config;
+pub mod exporter;
+pub mod metrics;
+pub mod pipeline;
+pub mod queue;
+pub mod receiver;
+pub mod retry;
+pub mod shutdown;
 pub mod signal;

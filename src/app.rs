@@ -1,0 +1,295 @@
+//! Assembly: build the stages, start them on task trackers under one
+//! cancellation tree, and hand over to the shutdown sequence.
+//!
+//! Entry points take what the caller bound ([`Listeners`]) and the opened
+//! spool, so tests, `main` and socket activation all share [`run`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use futures::FutureExt;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, AdminState};
+use crate::config::Config;
+use crate::exporter::{ExporterError, Upstream};
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::receiver::{self, Receiver};
+use crate::shutdown::{self, Summary};
+use crate::signal::Signal;
+use crate::spool::{OpenReport, Spool};
+
+/// The sockets the agent serves on, bound by the caller.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub grpc: Option<TcpListener>,
+    pub http: Option<TcpListener>,
+    pub admin: Option<TcpListener>,
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listen address is taken or not allowed.
+    #[error("cannot listen on {addr} ({what}): {source}; is another telespool (or collector) running? Set {key} to another address")]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        key: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Exporter(#[from] ExporterError),
+}
+
+impl Listeners {
+    /// Bind every enabled listener of `config`.
+    pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
+        async fn bind(
+            addr: SocketAddr,
+            what: &'static str,
+            key: &'static str,
+        ) -> Result<TcpListener, StartError> {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr,
+                    what,
+                    key,
+                    source,
+                })
+        }
+        let r = &config.receiver;
+        Ok(Listeners {
+            grpc: match r.grpc.enabled {
+                true => Some(bind(r.grpc.listen, "OTLP/gRPC", "receiver.grpc.listen").await?),
+                false => None,
+            },
+            http: None,
+            admin: match config.admin.enabled {
+                true => Some(bind(config.admin.listen, "admin", "admin.listen").await?),
+                false => None,
+            },
+        })
+    }
+}
+
+/// The two shutdown triggers, one tree: cancelling `force` also cancels `begin`.
+#[derive(Debug, Clone)]
+pub struct ShutdownTokens {
+    /// Skip the flush: spool what is left now (second signal, flush deadline).
+    pub force: CancellationToken,
+    /// Start the shutdown sequence (first signal).
+    pub begin: CancellationToken,
+}
+
+impl ShutdownTokens {
+    pub fn new() -> ShutdownTokens {
+        let force = CancellationToken::new();
+        let begin = force.child_token();
+        ShutdownTokens { force, begin }
+    }
+}
+
+impl Default for ShutdownTokens {
+    fn default() -> Self {
+        ShutdownTokens::new()
+    }
+}
+
+/// Records whether any task panicked; a panic makes the shutdown not graceful.
+#[derive(Debug, Default, Clone)]
+pub struct PanicFlag(Arc<AtomicBool>);
+
+impl PanicFlag {
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Spawn `fut` on `tracker`; a panic is logged with the task's name and recorded.
+    pub fn spawn<F>(&self, tracker: &TaskTracker, name: &'static str, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let flag = self.0.clone();
+        tracker.spawn(async move {
+            if let Err(panic) = std::panic::AssertUnwindSafe(fut).catch_unwind().await {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(task = name, panic = %msg, "task panicked");
+                flag.store(true, Ordering::Release);
+            }
+        });
+    }
+}
+
+/// The running stages, as the shutdown sequence needs them.
+pub struct Agent {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub pipeline: Arc<Pipeline>,
+    pub receiver: Arc<Receiver>,
+    pub admin: Arc<AdminState>,
+    pub health: tonic_health::server::HealthReporter,
+    /// Closes the OTLP listeners (graceful: in-flight requests complete).
+    pub close_listeners: CancellationToken,
+    /// Stops background loops (batch timer, spiller) and replay intake.
+    pub stop_background: CancellationToken,
+    pub servers: TaskTracker,
+    pub exporters: TaskTracker,
+    pub background: TaskTracker,
+    pub panics: PanicFlag,
+    pub tokens: ShutdownTokens,
+}
+
+/// Run the agent until the shutdown sequence completes.
+pub async fn run(
+    config: Config,
+    spool: Spool,
+    opened: OpenReport,
+    listeners: Listeners,
+    tokens: ShutdownTokens,
+) -> Result<Summary, StartError> {
+    let metrics = Arc::new(Metrics::new());
+    for signal in Signal::ALL {
+        metrics.set_spooled_at_start(signal, opened.stats.items[signal.index()]);
+    }
+    let upstream = match &config.upstream.endpoint {
+        Some(endpoint) => Some(Upstream::new(&config.upstream, endpoint)?),
+        None => {
+            tracing::warn!(
+                "no upstream.endpoint configured: data is buffered, then refused with backpressure, and spooled at shutdown"
+            );
+            None
+        }
+    };
+    let pipeline = Pipeline::new(&config, metrics.clone(), spool, upstream);
+    let receiver = Receiver::new(
+        pipeline.clone(),
+        metrics.clone(),
+        config.receiver.max_request_bytes.0,
+    );
+    let admin = Arc::new(AdminState {
+        ready: AtomicBool::new(false),
+        registry: metrics.registry(),
+        pipeline: pipeline.clone(),
+    });
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+
+    let agent = Agent {
+        config,
+        metrics,
+        pipeline,
+        receiver,
+        admin,
+        health,
+        close_listeners: CancellationToken::new(),
+        stop_background: CancellationToken::new(),
+        servers: TaskTracker::new(),
+        exporters: TaskTracker::new(),
+        background: TaskTracker::new(),
+        panics: PanicFlag::default(),
+        tokens,
+    };
+
+    let addr = |l: &Option<TcpListener>| {
+        l.as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map_or_else(|| "disabled".to_owned(), |a| a.to_string())
+    };
+    let (grpc_addr, http_addr, admin_addr) = (
+        addr(&listeners.grpc),
+        addr(&listeners.http),
+        addr(&listeners.admin),
+    );
+
+    if let Some(listener) = listeners.grpc {
+        let router = tonic::service::Routes::new(health_service)
+            .into_axum_router()
+            .merge(receiver::grpc::router(agent.receiver.clone()));
+        serve(&agent, "grpc server", listener, router);
+    }
+    if let Some(listener) = listeners.admin {
+        // The admin listener stays up through shutdown so /readyz shows 503.
+        let router = admin::router(agent.admin.clone());
+        let stop = agent.tokens.force.clone();
+        agent
+            .panics
+            .spawn(&agent.background, "admin server", async move {
+                let result = axum::serve(listener, router)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "admin server failed");
+                }
+            });
+    }
+
+    start_pipeline_tasks(&agent);
+    agent.admin.ready.store(true, Ordering::Release);
+    tracing::info!(
+        grpc = %grpc_addr,
+        http = %http_addr,
+        admin = %admin_addr,
+        upstream = agent.config.upstream.endpoint.as_deref().unwrap_or("none"),
+        spool_rows = opened.stats.rows,
+        "listening"
+    );
+
+    agent.tokens.begin.cancelled().await;
+    Ok(shutdown::run(agent).await)
+}
+
+fn serve(agent: &Agent, name: &'static str, listener: TcpListener, router: axum::Router) {
+    let stop = agent.close_listeners.clone();
+    agent.panics.spawn(&agent.servers, name, async move {
+        let result = axum::serve(listener, router)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            tracing::error!(server = name, error = %e, "server failed");
+        }
+    });
+}
+
+fn start_pipeline_tasks(agent: &Agent) {
+    let p = &agent.pipeline;
+    let panics = &agent.panics;
+    panics.spawn(
+        &agent.background,
+        "batch timer",
+        p.clone().run_batch_timer(agent.stop_background.clone()),
+    );
+    panics.spawn(
+        &agent.background,
+        "spiller",
+        p.clone().run_spiller(agent.stop_background.clone()),
+    );
+    for _ in 0..agent.config.upstream.concurrency {
+        panics.spawn(
+            &agent.exporters,
+            "export worker",
+            p.clone().run_export_worker(agent.tokens.force.clone()),
+        );
+    }
+    let replay_workers = (agent.config.upstream.concurrency / 2).max(1);
+    for _ in 0..replay_workers {
+        panics.spawn(
+            &agent.exporters,
+            "replay worker",
+            p.clone()
+                .run_replay_worker(agent.stop_background.clone(), agent.tokens.force.clone()),
+        );
+    }
+}

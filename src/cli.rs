@@ -1,0 +1,128 @@
+//! Command line: subcommands, and the flag/environment overlay on the config file.
+//!
+//! Precedence: flag, then `TELESPOOL_*` environment variable (clap reads both),
+//! then the file, then the built-in default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, ConfigError, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "telespool",
+    version,
+    about = "Node-local OpenTelemetry agent: OTLP in, batched OTLP/gRPC out, nothing acknowledged lost"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub overrides: Overrides,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent (the default).
+    Run,
+    /// Check the configuration and print the effective config, or the error.
+    CheckConfig,
+}
+
+/// Options that override the config file; each also as an environment variable.
+#[derive(Debug, Args, Default)]
+pub struct Overrides {
+    /// TOML config file (all keys optional; built-in defaults otherwise).
+    #[arg(long, global = true, env = "TELESPOOL_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// OTLP/gRPC listen address (receiver.grpc.listen).
+    #[arg(
+        long,
+        global = true,
+        env = "TELESPOOL_RECEIVER_GRPC_LISTEN",
+        value_name = "ADDR"
+    )]
+    pub grpc_listen: Option<SocketAddr>,
+    /// OTLP/HTTP listen address (receiver.http.listen).
+    #[arg(
+        long,
+        global = true,
+        env = "TELESPOOL_RECEIVER_HTTP_LISTEN",
+        value_name = "ADDR"
+    )]
+    pub http_listen: Option<SocketAddr>,
+    /// Upstream OTLP/gRPC endpoint, http:// or https:// (upstream.endpoint).
+    #[arg(
+        long,
+        global = true,
+        env = "TELESPOOL_UPSTREAM_ENDPOINT",
+        value_name = "URL"
+    )]
+    pub upstream: Option<String>,
+    /// Spool file (spool.path).
+    #[arg(long, global = true, env = "TELESPOOL_SPOOL_PATH", value_name = "PATH")]
+    pub spool: Option<PathBuf>,
+    /// Admin listen address for /healthz, /readyz, /metrics (admin.listen).
+    #[arg(
+        long,
+        global = true,
+        env = "TELESPOOL_ADMIN_LISTEN",
+        value_name = "ADDR"
+    )]
+    pub admin_listen: Option<SocketAddr>,
+    /// Log filter such as info or telespool=debug (log.level).
+    #[arg(long, global = true, env = "TELESPOOL_LOG_LEVEL", value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// Log format, text or json (log.format).
+    #[arg(
+        long,
+        global = true,
+        env = "TELESPOOL_LOG_FORMAT",
+        value_name = "FORMAT"
+    )]
+    pub log_format: Option<String>,
+}
+
+impl Overrides {
+    /// Load the file (if any), apply overrides, validate.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(addr) = self.grpc_listen {
+            config.receiver.grpc.listen = addr;
+        }
+        if let Some(addr) = self.http_listen {
+            config.receiver.http.listen = addr;
+        }
+        if let Some(url) = &self.upstream {
+            config.upstream.endpoint = Some(url.clone()).filter(|u| !u.is_empty());
+        }
+        if let Some(path) = &self.spool {
+            config.spool.path = Some(path.clone());
+        }
+        if let Some(addr) = self.admin_listen {
+            config.admin.listen = addr;
+        }
+        if let Some(level) = &self.log_level {
+            config.log.level = level.clone();
+        }
+        if let Some(format) = &self.log_format {
+            config.log.format = match format.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    return Err(ConfigError::Override {
+                        key: "log.format (--log-format / TELESPOOL_LOG_FORMAT)".into(),
+                        message: format!("{other:?} is not a log format: use text or json"),
+                    })
+                }
+            };
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}

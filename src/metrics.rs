@@ -1,0 +1,356 @@
+//! Counters and gauges: the agent's accounting, exposed on `/metrics` and in the
+//! shutdown summary.
+//!
+//! Accounting invariant, per signal, at any quiet moment:
+//!
+//! ```text
+//! accepted + spooled_at_start = forwarded + dropped + buffered + spooled_now
+//! ```
+//!
+//! `forwarded` counts items upstream acknowledged, whether they came from memory
+//! or the spool; `spooled_total` and `replayed_total` describe traffic through
+//! the spool and are informational.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::signal::Signal;
+
+type SignalLabel = [(&'static str, &'static str); 1];
+type SignalAnd = [(&'static str, &'static str); 2];
+
+/// Why a request was not accepted (a label value of `received_*_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The buffer had no room within `buffer.max_wait`.
+    BufferFull,
+    /// The spool had no room (durable mode or spill).
+    SpoolFull,
+    /// The agent is shutting down.
+    ShuttingDown,
+    /// The payload is not a valid OTLP request.
+    Invalid,
+    /// The payload is over `receiver.max_request_bytes`.
+    TooLarge,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::BufferFull => "refused_buffer_full",
+            Refusal::SpoolFull => "refused_spool_full",
+            Refusal::ShuttingDown => "refused_shutting_down",
+            Refusal::Invalid => "invalid",
+            Refusal::TooLarge => "too_large",
+        }
+    }
+}
+
+/// Why accepted items were dropped (label `reason` of `dropped_items_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Upstream answered with a non-retryable status.
+    Rejected,
+    /// The spool was full at shutdown (or the disk was).
+    SpoolFull,
+    /// `spool.when_full = "drop_oldest"` evicted spooled batches.
+    SpoolEvicted,
+    /// The shutdown hard deadline passed before the data could be spooled.
+    ShutdownTimeout,
+    /// Writing to the spool failed for another reason.
+    SpoolError,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 5] = [
+        DropReason::Rejected,
+        DropReason::SpoolFull,
+        DropReason::SpoolEvicted,
+        DropReason::ShutdownTimeout,
+        DropReason::SpoolError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Rejected => "upstream_rejected",
+            DropReason::SpoolFull => "spool_full",
+            DropReason::SpoolEvicted => "spool_evicted",
+            DropReason::ShutdownTimeout => "shutdown_timeout",
+            DropReason::SpoolError => "spool_error",
+        }
+    }
+}
+
+/// Every metric the agent keeps. One instance per agent, shared by `Arc`.
+#[derive(Debug)]
+pub struct Metrics {
+    pub received_items: Family<SignalAnd, Counter>,
+    pub received_requests: Family<SignalAnd, Counter>,
+    pub received_bytes: Family<SignalAnd, Counter>,
+    pub forwarded_items: Family<SignalLabel, Counter>,
+    pub exported_batches: Family<SignalAnd, Counter>,
+    pub export_latency: Family<SignalLabel, Histogram>,
+    pub partial_rejected_items: Family<SignalLabel, Counter>,
+    pub spooled_items: Family<SignalLabel, Counter>,
+    pub replayed_items: Family<SignalLabel, Counter>,
+    pub dropped_items: Family<SignalAnd, Counter>,
+    pub spooled_at_start: Family<SignalLabel, Gauge>,
+    pub buffered_bytes: Gauge,
+    pub buffered_items: Gauge,
+    pub spool_rows: Gauge,
+    pub spool_bytes: Gauge,
+    pub spool_items: Family<SignalLabel, Gauge>,
+    pub spool_oldest_age_seconds: Gauge,
+    pub upstream_up: Gauge,
+    /// Items whose export was in flight when shutdown cut it: they are spooled
+    /// and may reach upstream twice.
+    pub duplicates_risked: AtomicU64,
+}
+
+fn sig(signal: Signal) -> SignalLabel {
+    [("signal", signal.as_str())]
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        Metrics {
+            received_items: Family::default(),
+            received_requests: Family::default(),
+            received_bytes: Family::default(),
+            forwarded_items: Family::default(),
+            exported_batches: Family::default(),
+            export_latency: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 16))
+            }),
+            partial_rejected_items: Family::default(),
+            spooled_items: Family::default(),
+            replayed_items: Family::default(),
+            dropped_items: Family::default(),
+            spooled_at_start: Family::default(),
+            buffered_bytes: Gauge::default(),
+            buffered_items: Gauge::default(),
+            spool_rows: Gauge::default(),
+            spool_bytes: Gauge::default(),
+            spool_items: Family::default(),
+            spool_oldest_age_seconds: Gauge::default(),
+            upstream_up: Gauge::default(),
+            duplicates_risked: AtomicU64::new(0),
+        }
+    }
+
+    /// A registry exposing every metric under the `telespool_` prefix.
+    pub fn registry(self: &std::sync::Arc<Self>) -> Registry {
+        let mut r = Registry::with_prefix("telespool");
+        let m = self.as_ref();
+        r.register(
+            "received_items",
+            "Items received, by signal and outcome",
+            m.received_items.clone(),
+        );
+        r.register(
+            "received_requests",
+            "Export requests received, by signal and outcome",
+            m.received_requests.clone(),
+        );
+        r.register(
+            "received_bytes",
+            "Request bytes received, by signal and outcome",
+            m.received_bytes.clone(),
+        );
+        r.register(
+            "forwarded_items",
+            "Items acknowledged by upstream",
+            m.forwarded_items.clone(),
+        );
+        r.register(
+            "exported_batches",
+            "Export attempts by signal and result (ok, retryable, rejected)",
+            m.exported_batches.clone(),
+        );
+        r.register(
+            "export_latency_seconds",
+            "Latency of upstream export calls",
+            m.export_latency.clone(),
+        );
+        r.register(
+            "partial_rejected_items",
+            "Items upstream rejected in partial-success replies",
+            m.partial_rejected_items.clone(),
+        );
+        r.register(
+            "spooled_items",
+            "Items written to the spool",
+            m.spooled_items.clone(),
+        );
+        r.register(
+            "replayed_items",
+            "Items from the spool acknowledged by upstream",
+            m.replayed_items.clone(),
+        );
+        r.register(
+            "dropped_items",
+            "Accepted items dropped, by signal and reason",
+            m.dropped_items.clone(),
+        );
+        r.register(
+            "spooled_at_start_items",
+            "Items found in the spool at start",
+            m.spooled_at_start.clone(),
+        );
+        r.register(
+            "buffered_bytes",
+            "Request bytes held in memory",
+            m.buffered_bytes.clone(),
+        );
+        r.register(
+            "buffered_items",
+            "Items held in memory",
+            m.buffered_items.clone(),
+        );
+        r.register("spool_rows", "Batches in the spool", m.spool_rows.clone());
+        r.register(
+            "spool_bytes",
+            "Payload bytes in the spool",
+            m.spool_bytes.clone(),
+        );
+        r.register(
+            "spool_held_items",
+            "Items in the spool, by signal",
+            m.spool_items.clone(),
+        );
+        r.register(
+            "spool_oldest_age_seconds",
+            "Age of the oldest spooled batch",
+            m.spool_oldest_age_seconds.clone(),
+        );
+        r.register(
+            "upstream_up",
+            "1 while the last upstream export succeeded",
+            m.upstream_up.clone(),
+        );
+        r
+    }
+
+    pub fn received(&self, signal: Signal, outcome: &'static str, items: u64, bytes: u64) {
+        let labels = [("signal", signal.as_str()), ("outcome", outcome)];
+        self.received_requests.get_or_create(&labels).inc();
+        self.received_items.get_or_create(&labels).inc_by(items);
+        self.received_bytes.get_or_create(&labels).inc_by(bytes);
+    }
+
+    pub fn accepted(&self, signal: Signal, items: u64, bytes: u64) {
+        self.received(signal, "accepted", items, bytes);
+    }
+
+    pub fn refused(&self, signal: Signal, why: Refusal, items: u64, bytes: u64) {
+        self.received(signal, why.as_str(), items, bytes);
+    }
+
+    pub fn export_result(&self, signal: Signal, result: &'static str, latency: Duration) {
+        let labels = [("signal", signal.as_str()), ("result", result)];
+        self.exported_batches.get_or_create(&labels).inc();
+        self.export_latency
+            .get_or_create(&sig(signal))
+            .observe(latency.as_secs_f64());
+    }
+
+    pub fn forwarded(&self, signal: Signal, items: u64, from_spool: bool) {
+        self.forwarded_items
+            .get_or_create(&sig(signal))
+            .inc_by(items);
+        if from_spool {
+            self.replayed_items
+                .get_or_create(&sig(signal))
+                .inc_by(items);
+        }
+    }
+
+    pub fn spooled(&self, signal: Signal, items: u64) {
+        self.spooled_items.get_or_create(&sig(signal)).inc_by(items);
+    }
+
+    pub fn dropped(&self, signal: Signal, reason: DropReason, items: u64) {
+        let labels = [("signal", signal.as_str()), ("reason", reason.as_str())];
+        self.dropped_items.get_or_create(&labels).inc_by(items);
+    }
+
+    pub fn partial_rejected(&self, signal: Signal, items: u64) {
+        self.partial_rejected_items
+            .get_or_create(&sig(signal))
+            .inc_by(items);
+    }
+
+    // Totals for the shutdown summary.
+
+    pub fn accepted_total(&self, signal: Signal) -> u64 {
+        self.received_items
+            .get_or_create(&[("signal", signal.as_str()), ("outcome", "accepted")])
+            .get()
+    }
+
+    pub fn forwarded_total(&self, signal: Signal) -> u64 {
+        self.forwarded_items.get_or_create(&sig(signal)).get()
+    }
+
+    pub fn spooled_total(&self, signal: Signal) -> u64 {
+        self.spooled_items.get_or_create(&sig(signal)).get()
+    }
+
+    pub fn replayed_total(&self, signal: Signal) -> u64 {
+        self.replayed_items.get_or_create(&sig(signal)).get()
+    }
+
+    pub fn dropped_total(&self, signal: Signal) -> u64 {
+        DropReason::ALL
+            .iter()
+            .map(|r| {
+                self.dropped_items
+                    .get_or_create(&[("signal", signal.as_str()), ("reason", r.as_str())])
+                    .get()
+            })
+            .sum()
+    }
+
+    pub fn refused_total(&self, signal: Signal) -> u64 {
+        [
+            Refusal::BufferFull,
+            Refusal::SpoolFull,
+            Refusal::ShuttingDown,
+            Refusal::Invalid,
+            Refusal::TooLarge,
+        ]
+        .iter()
+        .map(|r| {
+            self.received_items
+                .get_or_create(&[("signal", signal.as_str()), ("outcome", r.as_str())])
+                .get()
+        })
+        .sum()
+    }
+
+    pub fn set_spooled_at_start(&self, signal: Signal, items: u64) {
+        self.spooled_at_start
+            .get_or_create(&sig(signal))
+            .set(i64::try_from(items).unwrap_or(i64::MAX));
+    }
+
+    pub fn add_duplicates_risked(&self, items: u64) {
+        self.duplicates_risked.fetch_add(items, Ordering::Relaxed);
+    }
+
+    pub fn duplicates_risked(&self) -> u64 {
+        self.duplicates_risked.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

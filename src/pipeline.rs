@@ -1,0 +1,590 @@
+//! The pipeline between receivers and upstream: memory budget, per-signal
+//! batchers, the export queue, export workers, the spiller and replay.
+//!
+//! ```text
+//! ingest ─► budget.reserve ─► Batcher (per signal) ─► ExportQueue ─► export workers ─► upstream
+//!                                                         │ spill (upstream down,        ▲
+//!                                                         ▼  memory above high water)    │
+//!                                                       spool ───────► replay workers ───┘
+//! ```
+//!
+//! Every batch is owned by exactly one place at a time (a batcher, the queue, a
+//! worker, the shutdown collection), so nothing is held twice and nothing is
+//! forgotten. A batch that came from the spool carries its row id; its row is
+//! deleted only after upstream acknowledged it (or rejected it for good).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{Batch, Batcher, Limits, Origin};
+use crate::buffer::MemoryBudget;
+use crate::config::{Config, RetryConfig};
+use crate::exporter::Upstream;
+use crate::metrics::{DropReason, Metrics};
+use crate::queue::ExportQueue;
+use crate::retry::{classify, Backoff, Verdict};
+use crate::signal::Signal;
+use crate::spool::{NewBatch, Spool, SpooledBatch};
+
+/// Why `ingest` refused a request. Both are retryable for the client.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Refused {
+    /// No room in the memory budget within `buffer.max_wait`.
+    BufferFull { retry_after: Duration },
+    /// Shutdown has begun.
+    ShuttingDown,
+}
+
+/// The fraction of the memory budget above which, with upstream failing, the
+/// oldest sealed batches move to the spool.
+const SPILL_HIGH_WATER: f64 = 0.5;
+
+pub struct Pipeline {
+    budget: Arc<MemoryBudget>,
+    max_wait: Duration,
+    retry: RetryConfig,
+    lanes: [Mutex<Lane>; 3],
+    /// Wakes the batch timer when a lane opens a batch.
+    timer: Notify,
+    queue: ExportQueue,
+    accepting: AtomicBool,
+    metrics: Arc<Metrics>,
+    spool: Spool,
+    upstream: Option<Upstream>,
+    /// Memory batches whose export shutdown cut off; they go to the spool.
+    cut: Mutex<Vec<Batch>>,
+    replay: Mutex<ReplayClaims>,
+    /// Wakes replay workers when rows were added to the spool.
+    replay_wake: Notify,
+}
+
+struct Lane {
+    batcher: Batcher,
+    /// False once shutdown sealed the lane: later requests are refused.
+    open: bool,
+}
+
+/// Which spool rows replay workers hold, so no row is exported twice at once.
+#[derive(Default)]
+struct ReplayClaims {
+    cursor: i64,
+    in_flight: HashSet<i64>,
+}
+
+impl Pipeline {
+    pub fn new(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        spool: Spool,
+        upstream: Option<Upstream>,
+    ) -> Arc<Pipeline> {
+        let limits = Limits {
+            max_items: config.batch.max_items,
+            max_bytes: config.batch.max_bytes.0,
+            timeout: config.batch.timeout,
+        };
+        let lane = |signal| {
+            Mutex::new(Lane {
+                batcher: Batcher::new(signal, limits),
+                open: true,
+            })
+        };
+        Arc::new(Pipeline {
+            budget: MemoryBudget::new(config.buffer.max_bytes.0),
+            max_wait: config.buffer.max_wait,
+            retry: config.upstream.retry.clone(),
+            lanes: [
+                lane(Signal::Traces),
+                lane(Signal::Metrics),
+                lane(Signal::Logs),
+            ],
+            timer: Notify::new(),
+            queue: ExportQueue::new(),
+            accepting: AtomicBool::new(true),
+            metrics,
+            spool,
+            upstream,
+            cut: Mutex::new(Vec::new()),
+            replay: Mutex::new(ReplayClaims::default()),
+            replay_wake: Notify::new(),
+        })
+    }
+
+    pub fn budget(&self) -> &Arc<MemoryBudget> {
+        &self.budget
+    }
+
+    pub fn upstream(&self) -> Option<&Upstream> {
+        self.upstream.as_ref()
+    }
+
+    pub fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    /// Take one validated request body. `Ok` means the pipeline owns it.
+    pub async fn ingest(&self, signal: Signal, body: Bytes, items: u64) -> Result<(), Refused> {
+        if !self.accepting.load(Ordering::Acquire) {
+            return Err(Refused::ShuttingDown);
+        }
+        let reservation = self
+            .budget
+            .reserve(body.len() as u64, items, self.max_wait)
+            .await
+            .map_err(|no| Refused::BufferFull {
+                retry_after: no.retry_after,
+            })?;
+        let mut sealed = Vec::new();
+        let opened = {
+            let Ok(mut lane) = self.lanes[signal.index()].lock() else {
+                return Err(Refused::ShuttingDown);
+            };
+            if !lane.open {
+                return Err(Refused::ShuttingDown);
+            }
+            let was_empty = lane.batcher.deadline().is_none();
+            lane.batcher
+                .offer(body, items, reservation, Instant::now(), &mut sealed);
+            was_empty && lane.batcher.deadline().is_some()
+        };
+        for batch in sealed {
+            self.queue.push(batch);
+        }
+        if opened {
+            self.timer.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Seal open batches when they reach `batch.timeout`. Ends at `stop`;
+    /// shutdown seals what is still open.
+    pub async fn run_batch_timer(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let next = self
+                .lanes
+                .iter()
+                .filter_map(|l| l.lock().ok().and_then(|l| l.batcher.deadline()))
+                .min();
+            let sleep = async {
+                match next {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.timer.notified() => continue,
+                _ = sleep => {}
+            }
+            let now = Instant::now();
+            for lane in &self.lanes {
+                let sealed = lane.lock().ok().and_then(|mut l| l.batcher.poll(now));
+                if let Some(batch) = sealed {
+                    self.queue.push(batch);
+                }
+            }
+        }
+    }
+
+    /// Refuse new requests from now on (requests already past this check complete).
+    pub fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::Release);
+    }
+
+    /// Seal every open batch and close the queue: export workers finish once
+    /// it is empty.
+    pub fn close(&self) {
+        self.stop_accepting();
+        for lane in &self.lanes {
+            let sealed = lane.lock().ok().and_then(|mut l| {
+                l.open = false;
+                l.batcher.take()
+            });
+            if let Some(batch) = sealed {
+                self.queue.push(batch);
+            }
+        }
+        self.queue.close();
+    }
+
+    /// One export worker: take batches until the queue is closed and empty,
+    /// or `force` fires.
+    pub async fn run_export_worker(self: Arc<Self>, force: CancellationToken) {
+        if self.upstream.is_none() {
+            return;
+        }
+        loop {
+            let batch = tokio::select! {
+                biased;
+                _ = force.cancelled() => return,
+                b = self.queue.pop() => b,
+            };
+            match batch {
+                Some(batch) => self.deliver(batch, &force).await,
+                None => return,
+            }
+        }
+    }
+
+    /// Export one batch, retrying as the policy says, until it is acknowledged,
+    /// rejected for good, parked in the spool, or cut off by `force`.
+    async fn deliver(&self, mut batch: Batch, force: &CancellationToken) {
+        let Some(upstream) = &self.upstream else {
+            self.cut_off(batch, false);
+            return;
+        };
+        let signal = batch.signal;
+        let mut backoff = Backoff::new(self.retry.initial_backoff, self.retry.max_backoff);
+        let started = Instant::now();
+        loop {
+            batch.attempts = batch.attempts.saturating_add(1);
+            let t0 = Instant::now();
+            let result = tokio::select! {
+                biased;
+                _ = force.cancelled() => {
+                    self.cut_off(batch, true);
+                    return;
+                }
+                r = upstream.export(signal, &batch.chunks) => r,
+            };
+            self.metrics.upstream_up.set(i64::from(result.is_ok()));
+            match result {
+                Ok(accepted) => {
+                    self.metrics.export_result(signal, "ok", t0.elapsed());
+                    let rejected = accepted.rejected.min(batch.items);
+                    if rejected > 0 {
+                        tracing::warn!(
+                            %signal,
+                            rejected,
+                            items = batch.items,
+                            message = %accepted.message,
+                            "upstream accepted the batch partially; rejected items are not retried"
+                        );
+                        self.metrics.partial_rejected(signal, rejected);
+                        self.metrics.dropped(signal, DropReason::Rejected, rejected);
+                    }
+                    let from_spool = matches!(batch.origin, Origin::Spool { .. });
+                    self.metrics
+                        .forwarded(signal, batch.items - rejected, from_spool);
+                    self.finish_spooled(&batch).await;
+                    return;
+                }
+                Err(failure) => match classify(failure.code, failure.retry_after.is_some()) {
+                    Verdict::Drop => {
+                        self.metrics.export_result(signal, "rejected", t0.elapsed());
+                        tracing::error!(
+                            %signal,
+                            items = batch.items,
+                            bytes = batch.bytes,
+                            code = ?failure.code,
+                            message = %failure.message,
+                            "upstream rejected the batch with a non-retryable status; dropped"
+                        );
+                        self.metrics
+                            .dropped(signal, DropReason::Rejected, batch.items);
+                        self.finish_spooled(&batch).await;
+                        return;
+                    }
+                    Verdict::Retry => {
+                        self.metrics
+                            .export_result(signal, "retryable", t0.elapsed());
+                        let delay = backoff.next_delay(failure.retry_after, &mut rand::rng());
+                        tracing::debug!(%signal, code = ?failure.code, message = %failure.message, ?delay, "export failed; will retry");
+                        if started.elapsed() + delay > self.retry.max_elapsed {
+                            self.give_up_retrying(batch).await;
+                            return;
+                        }
+                        tokio::select! {
+                            biased;
+                            _ = force.cancelled() => {
+                                self.cut_off(batch, false);
+                                return;
+                            }
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// A batch retried longer than `upstream.retry.max_elapsed`: a memory batch
+    /// moves to the spool, a spooled one stays there for a later pass.
+    async fn give_up_retrying(&self, batch: Batch) {
+        match batch.origin {
+            Origin::Spool { id } => {
+                if let Err(e) = self.spool.record_attempt(id).await {
+                    tracing::warn!(error = %e, "cannot record export attempt in the spool");
+                }
+            }
+            Origin::Memory => {
+                tracing::warn!(
+                    signal = %batch.signal,
+                    items = batch.items,
+                    "batch retried past upstream.retry.max_elapsed; moving it to the spool"
+                );
+                let unwritten = self.write_to_spool(vec![batch]).await;
+                // No room in the spool: keep it in memory, at the front of the queue.
+                self.queue.push_front(unwritten);
+            }
+        }
+    }
+
+    /// Shutdown cut this batch off. `in_flight`: upstream may have received it.
+    fn cut_off(&self, batch: Batch, in_flight: bool) {
+        if in_flight {
+            self.metrics.add_duplicates_risked(batch.items);
+        }
+        if batch.origin == Origin::Memory {
+            if let Ok(mut cut) = self.cut.lock() {
+                cut.push(batch);
+            }
+        }
+    }
+
+    /// Delete the spool row of a batch that is done with (acknowledged or rejected).
+    async fn finish_spooled(&self, batch: &Batch) {
+        if let Origin::Spool { id } = batch.origin {
+            if let Err(e) = self.spool.delete(vec![id]).await {
+                tracing::error!(id, error = %e, "cannot delete an exported batch from the spool; it will be sent again after restart");
+            }
+        }
+    }
+
+    /// Write memory batches to the spool in one transaction. Returns those that
+    /// did not fit (spool full), still owned by the caller; written ones are
+    /// dropped from memory and counted.
+    pub async fn write_to_spool(&self, batches: Vec<Batch>) -> Vec<Batch> {
+        if batches.is_empty() {
+            return batches;
+        }
+        let rows = batches
+            .iter()
+            .map(|b| NewBatch {
+                signal: b.signal,
+                items: b.items,
+                created_ms: b.created_ms,
+                attempts: b.attempts,
+                payload: b.chunks.clone(),
+            })
+            .collect();
+        let written = match self.spool.insert(rows).await {
+            Ok(outcome) => {
+                if outcome.full {
+                    tracing::warn!(
+                        written = outcome.written,
+                        refused = batches.len() - outcome.written,
+                        "spool is full (spool.max_bytes or the disk); batches stay in memory"
+                    );
+                }
+                outcome.written
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write to the spool");
+                0
+            }
+        };
+        let mut rest = batches;
+        let unwritten = rest.split_off(written.min(rest.len()));
+        for b in &rest {
+            self.metrics.spooled(b.signal, b.items);
+        }
+        if !rest.is_empty() {
+            self.replay_wake.notify_waiters();
+        }
+        unwritten
+    }
+
+    /// While upstream is failing and memory is above the high-water mark, move
+    /// the oldest sealed batches to the spool, so clients keep getting OK.
+    pub async fn run_spiller(self: Arc<Self>, stop: CancellationToken) {
+        let Some(upstream) = self.upstream.clone() else {
+            return;
+        };
+        let mut spilling = false;
+        let mut full_logged = false;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            let high = (self.budget.limit() as f64 * SPILL_HIGH_WATER) as u64;
+            let should = !upstream.health().is_up() && self.budget.used() > high;
+            if should != spilling {
+                spilling = should;
+                tracing::info!(
+                    spilling,
+                    buffered_bytes = self.budget.used(),
+                    "{}",
+                    if should {
+                        "spill to spool started"
+                    } else {
+                        "spill to spool stopped"
+                    }
+                );
+            }
+            if !should {
+                full_logged = false;
+                continue;
+            }
+            let batches = self.queue.take_oldest(self.budget.limit() / 8);
+            if batches.is_empty() {
+                continue;
+            }
+            let unwritten = self.write_to_spool(batches).await;
+            if !unwritten.is_empty() {
+                if !full_logged {
+                    tracing::warn!("spool full while spilling; clients get backpressure until upstream recovers");
+                    full_logged = true;
+                }
+                self.queue.push_front(unwritten);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }
+    }
+
+    /// One replay worker: export spooled rows oldest first, alongside live data.
+    /// Stops taking rows at `stop`; a row in flight at `force` stays in the spool.
+    pub async fn run_replay_worker(
+        self: Arc<Self>,
+        stop: CancellationToken,
+        force: CancellationToken,
+    ) {
+        if self.upstream.is_none() {
+            return;
+        }
+        let mut last_progress = Instant::now();
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            let wake = self.replay_wake.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            match self.claim_row().await {
+                Some(row) => {
+                    let id = row.id;
+                    let batch = self.batch_from_row(row);
+                    self.deliver(batch, &force).await;
+                    if let Ok(mut claims) = self.replay.lock() {
+                        claims.in_flight.remove(&id);
+                    }
+                    if last_progress.elapsed() > Duration::from_secs(5) {
+                        last_progress = Instant::now();
+                        let stats = self.spool.stats_cached();
+                        tracing::info!(
+                            rows_left = stats.rows,
+                            bytes_left = stats.bytes,
+                            "replay progress"
+                        );
+                    }
+                }
+                None => {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = &mut wake => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// The oldest spool row no other replay worker holds.
+    async fn claim_row(&self) -> Option<SpooledBatch> {
+        for _pass in 0..2 {
+            let (cursor, busy) = match self.replay.lock() {
+                Ok(c) => (c.cursor, c.in_flight.len()),
+                Err(_) => return None,
+            };
+            let rows = match self.spool.oldest(cursor, busy + 1).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the spool for replay");
+                    return None;
+                }
+            };
+            let Ok(mut claims) = self.replay.lock() else {
+                return None;
+            };
+            if let Some(row) = rows.into_iter().find(|r| !claims.in_flight.contains(&r.id)) {
+                claims.cursor = claims.cursor.max(row.id);
+                claims.in_flight.insert(row.id);
+                return Some(row);
+            }
+            // Past the end: start again from the oldest row (rows left behind
+            // after max_elapsed are retried on the next pass).
+            if claims.cursor == 0 {
+                return None;
+            }
+            claims.cursor = 0;
+        }
+        None
+    }
+
+    fn batch_from_row(&self, row: SpooledBatch) -> Batch {
+        Batch {
+            signal: row.signal,
+            chunks: vec![row.payload],
+            items: row.items,
+            bytes: row.bytes,
+            created_ms: row.created_ms,
+            attempts: row.attempts,
+            origin: Origin::Spool { id: row.id },
+            reservation: self.budget.empty(),
+        }
+    }
+
+    /// Everything in memory that upstream has not acknowledged: batches cut off
+    /// by shutdown and what is still queued or open. Call after the workers
+    /// stopped.
+    pub fn take_unfinished(&self) -> Vec<Batch> {
+        let mut all = self
+            .cut
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default();
+        all.extend(self.queue.drain());
+        for lane in &self.lanes {
+            if let Some(b) = lane.lock().ok().and_then(|mut l| l.batcher.take()) {
+                all.push(b);
+            }
+        }
+        all.sort_by_key(|b| b.created_ms);
+        all
+    }
+
+    /// Sealed batches waiting for an export worker.
+    pub fn queued_batches(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Refresh gauges that are read from state rather than counted.
+    pub fn refresh_gauges(&self) {
+        let m = &self.metrics;
+        m.buffered_bytes.set(self.budget.used() as i64);
+        m.buffered_items.set(self.budget.items() as i64);
+        let stats = self.spool.stats_cached();
+        m.spool_rows.set(stats.rows as i64);
+        m.spool_bytes.set(stats.bytes as i64);
+        for s in Signal::ALL {
+            m.spool_items
+                .get_or_create(&[("signal", s.as_str())])
+                .set(stats.items[s.index()] as i64);
+        }
+        let age = stats
+            .oldest_created_ms
+            .map(|ms| (crate::batch::unix_ms(std::time::SystemTime::now()) - ms).max(0) / 1000)
+            .unwrap_or(0);
+        m.spool_oldest_age_seconds.set(age);
+    }
+}

@@ -1,0 +1,186 @@
+//! Receivers: OTLP/gRPC (and OTLP/HTTP) in, one shared ingest path.
+//!
+//! Both protocols end in [`Receiver::accept`]: size check, the wire walk that
+//! validates and counts, then the pipeline. [`IngestError`] is mapped to a gRPC
+//! status in exactly one place ([`IngestError::to_status`]).
+
+pub mod grpc;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tonic::Code;
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::metrics::{Metrics, Refusal};
+use crate::pipeline::{Pipeline, Refused};
+use crate::signal::Signal;
+use crate::wire::{self, WireError};
+
+/// Why a request was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The payload is not a valid OTLP export request; the client must fix it.
+    #[error(transparent)]
+    Malformed(#[from] WireError),
+    /// The payload (after decompression) is above `receiver.max_request_bytes`;
+    /// the client must send smaller requests.
+    #[error("request of {size} bytes is larger than the limit of {limit} bytes (receiver.max_request_bytes); send smaller batches")]
+    TooLarge { size: u64, limit: u64 },
+    /// The body is not a usable frame or compressed stream.
+    #[error("{0}")]
+    BadEncoding(String),
+    /// The compression is not one this receiver speaks.
+    #[error("unsupported compression {0:?}: use gzip or none")]
+    UnsupportedEncoding(String),
+    /// The buffer is full; retry after the delay.
+    #[error("telespool buffer is full; retry after {retry_after:?}")]
+    BufferFull { retry_after: Duration },
+    /// Shutdown has begun; retry (against the restarted agent).
+    #[error("telespool is shutting down; retry shortly")]
+    ShuttingDown,
+}
+
+/// Delay suggested to clients refused during shutdown: about one restart.
+pub const SHUTDOWN_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+impl IngestError {
+    /// The one mapping from ingest errors to gRPC statuses. Retryable refusals
+    /// are UNAVAILABLE with a RetryInfo, as the OTLP specification asks;
+    /// a too-large request is RESOURCE_EXHAUSTED *without* RetryInfo
+    /// (non-retryable: the same request would be refused again).
+    pub fn to_status(&self) -> tonic::Status {
+        let msg = self.to_string();
+        match self {
+            IngestError::Malformed(_) | IngestError::BadEncoding(_) => {
+                tonic::Status::new(Code::InvalidArgument, msg)
+            }
+            IngestError::TooLarge { .. } => tonic::Status::new(Code::ResourceExhausted, msg),
+            IngestError::UnsupportedEncoding(_) => tonic::Status::new(Code::Unimplemented, msg),
+            IngestError::BufferFull { retry_after } => retryable(msg, *retry_after),
+            IngestError::ShuttingDown => retryable(msg, SHUTDOWN_RETRY_AFTER),
+        }
+    }
+
+    /// When a retryable refusal suggests retrying.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            IngestError::BufferFull { retry_after } => Some(*retry_after),
+            IngestError::ShuttingDown => Some(SHUTDOWN_RETRY_AFTER),
+            _ => None,
+        }
+    }
+
+    fn refusal(&self) -> Refusal {
+        match self {
+            IngestError::Malformed(_)
+            | IngestError::BadEncoding(_)
+            | IngestError::UnsupportedEncoding(_) => Refusal::Invalid,
+            IngestError::TooLarge { .. } => Refusal::TooLarge,
+            IngestError::BufferFull { .. } => Refusal::BufferFull,
+            IngestError::ShuttingDown => Refusal::ShuttingDown,
+        }
+    }
+}
+
+fn retryable(msg: String, delay: Duration) -> tonic::Status {
+    tonic::Status::with_error_details(
+        Code::Unavailable,
+        msg,
+        ErrorDetails::with_retry_info(Some(delay)),
+    )
+}
+
+/// The ingest path shared by every protocol.
+pub struct Receiver {
+    pipeline: Arc<Pipeline>,
+    metrics: Arc<Metrics>,
+    max_request_bytes: u64,
+}
+
+impl Receiver {
+    pub fn new(
+        pipeline: Arc<Pipeline>,
+        metrics: Arc<Metrics>,
+        max_request_bytes: u64,
+    ) -> Arc<Receiver> {
+        Arc::new(Receiver {
+            pipeline,
+            metrics,
+            max_request_bytes,
+        })
+    }
+
+    pub fn max_request_bytes(&self) -> u64 {
+        self.max_request_bytes
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Validate, count and buffer one serialized export request.
+    pub async fn accept(&self, signal: Signal, body: Bytes) -> Result<u64, IngestError> {
+        let bytes = body.len() as u64;
+        let result = self.accept_inner(signal, body).await;
+        match &result {
+            Ok(items) => self.metrics.accepted(signal, *items, bytes),
+            Err(e) => {
+                self.metrics.refused(signal, e.refusal(), 0, bytes);
+                match e {
+                    IngestError::BufferFull { .. } | IngestError::ShuttingDown => {
+                        tracing::debug!(%signal, error = %e, "request refused")
+                    }
+                    _ => tracing::info!(%signal, error = %e, "request refused"),
+                }
+            }
+        }
+        result
+    }
+
+    async fn accept_inner(&self, signal: Signal, body: Bytes) -> Result<u64, IngestError> {
+        let size = body.len() as u64;
+        if size > self.max_request_bytes {
+            return Err(IngestError::TooLarge {
+                size,
+                limit: self.max_request_bytes,
+            });
+        }
+        let counts = wire::walk(signal, &body)?;
+        if counts.items == 0 {
+            // Nothing to forward (empty request, or resources without items).
+            return Ok(0);
+        }
+        self.pipeline
+            .ingest(signal, body, counts.items)
+            .await
+            .map_err(|r| match r {
+                Refused::BufferFull { retry_after } => IngestError::BufferFull { retry_after },
+                Refused::ShuttingDown => IngestError::ShuttingDown,
+            })?;
+        Ok(counts.items)
+    }
+
+    /// Refuse everything from now on (first moment of shutdown).
+    pub fn stop_accepting(&self) {
+        self.pipeline.stop_accepting();
+    }
+}
+
+/// Decompress a gzip body, refusing output above `limit` bytes.
+pub fn gunzip(body: &[u8], limit: u64) -> Result<Bytes, IngestError> {
+    use std::io::Read;
+    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit as usize));
+    let mut decoder = flate2::read::GzDecoder::new(body).take(limit + 1);
+    decoder
+        .read_to_end(&mut out)
+        .map_err(|e| IngestError::BadEncoding(format!("gzip body cannot be decompressed: {e}")))?;
+    if out.len() as u64 > limit {
+        return Err(IngestError::TooLarge {
+            size: out.len() as u64,
+            limit,
+        });
+    }
+    Ok(Bytes::from(out))
+}
