@@ -83,6 +83,8 @@ pub enum Mode {
     /// according to the new mode) or the upstream is stopped (then the call
     /// is cut).
     Stall,
+    /// Accept every request, answering only after this delay (a slow upstream).
+    Delay(Duration),
     /// Accept, and answer with a partial success naming `rejected` items.
     /// The ids still count as received.
     PartialSuccess { rejected: i64, message: String },
@@ -149,6 +151,18 @@ impl Service {
                 )));
             }
         }
+        let delay = match self.shared.lock().mode {
+            Mode::Delay(d) => Some(d),
+            _ => None,
+        };
+        if let Some(d) = delay {
+            tokio::select! {
+                _ = tokio::time::sleep(d) => {}
+                _ = self.generation.cancelled() => {
+                    return Err(Status::unavailable("test upstream: stopped"));
+                }
+            }
+        }
         loop {
             // Subscribe before reading the mode so a change in between is seen.
             let mut changed = self.shared.mode_changed.subscribe();
@@ -156,7 +170,7 @@ impl Service {
                 let mut st = self.shared.lock();
                 let answer = match st.mode.clone() {
                     Mode::Stall => None,
-                    Mode::Healthy => Some(Ok(None)),
+                    Mode::Healthy | Mode::Delay(_) => Some(Ok(None)),
                     Mode::PartialSuccess { rejected, message } => {
                         Some(Ok(Some((rejected, message))))
                     }

@@ -1,0 +1,251 @@
+//! The core pipeline through the real binary: OTLP/gRPC in, batched OTLP/gRPC
+//! out, backpressure, bad input, upstream failure classification.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use support::client::{is_retryable, retry_delay, Client};
+use support::*;
+use tonic::Code;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+async fn agent(upstream: &Upstream, config: &str) -> AgentProcess {
+    ok(AgentProcess::builder()
+        .upstream(&upstream.endpoint())
+        .config_toml(config)
+        .start()
+        .await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_item_sent_over_grpc_arrives_upstream_exactly_once_in_far_fewer_batches() {
+    let upstream = Upstream::start().await;
+    let agent = agent(&upstream, "[batch]\ntimeout = \"100ms\"\n").await;
+    let client = Client::new(agent.grpc_addr());
+    for signal in Signal::ALL {
+        let mut sent = BTreeSet::new();
+        for _ in 0..1000 {
+            let ids = fresh_ids(3);
+            ok(client.export(signal, &ids).await);
+            sent.extend(ids);
+        }
+        ok(upstream.wait_for_ids(signal, &sent, DEADLINE).await);
+        upstream.assert_received_exactly(signal, &sent);
+        let batches = upstream.requests(signal);
+        assert!(
+            batches <= 100,
+            "1000 requests of {signal} should reach upstream in far fewer batches, got {batches}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gzip_and_empty_requests_are_accepted() {
+    let upstream = Upstream::start().await;
+    let agent = agent(&upstream, "").await;
+    let ids = fresh_ids(50);
+    ok(support::client::send_gzip(agent.grpc_addr(), Signal::Logs, &ids).await);
+    let empty = ok(send_raw(agent.grpc_addr(), Signal::Traces.grpc_path(), Bytes::new()).await);
+    assert!(
+        empty.is_empty(),
+        "the empty ExportTraceServiceResponse encodes to no bytes"
+    );
+    ok(upstream
+        .wait_for_ids(Signal::Logs, &id_set(&ids), DEADLINE)
+        .await);
+    upstream.assert_received_exactly(Signal::Logs, &id_set(&ids));
+    assert_eq!(upstream.unique_ids(Signal::Traces).len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sdk_traces_metrics_and_logs_arrive_exactly_once() {
+    let upstream = Upstream::start().await;
+    let agent = agent(&upstream, "").await;
+    for signal in Signal::ALL {
+        let ids = ok(support::sdk::emit(signal, &agent.grpc_endpoint(), 500).await);
+        ok(upstream.wait_for_ids(signal, &id_set(&ids), DEADLINE).await);
+        upstream.assert_received_exactly(signal, &id_set(&ids));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn full_buffer_refuses_with_retry_info_stays_bounded_and_loses_nothing() {
+    let upstream = Upstream::start_with(Mode::Stall).await;
+    let limit = 256 * 1024;
+    let agent = agent(
+        &upstream,
+        &format!(
+            "[receiver]\nmax_request_bytes = \"32KiB\"\n[buffer]\nmax_bytes = {limit}\nmax_wait = \"20ms\"\n\
+             [batch]\nmax_bytes = \"32KiB\"\ntimeout = \"10ms\"\n[upstream.retry]\ninitial_backoff = \"50ms\"\nmax_backoff = \"200ms\"\n"
+        ),
+    )
+    .await;
+    let client = Client::new(agent.grpc_addr());
+    let spec = ItemSpec {
+        payload_bytes: 200,
+        ..ItemSpec::default()
+    };
+    let mut acknowledged = BTreeSet::new();
+    let mut refusal = None;
+    for _ in 0..400 {
+        let ids = fresh_ids(20);
+        match client.export_with(Signal::Traces, &ids, &spec).await {
+            Ok(_) => acknowledged.extend(ids),
+            Err(status) => {
+                refusal = Some(status);
+                break;
+            }
+        }
+        let buffered = ok(agent.metric("telespool_buffered_bytes").await).unwrap_or(0.0);
+        assert!(
+            buffered <= limit as f64,
+            "buffered {buffered} bytes, above the {limit} limit"
+        );
+    }
+    let refusal =
+        refusal.expect("a stalled upstream and a 256KiB buffer must lead to backpressure");
+    assert_eq!(refusal.code(), Code::Unavailable, "{refusal:?}");
+    assert!(is_retryable(&refusal));
+    let delay = retry_delay(&refusal).expect("the refusal carries RetryInfo");
+    assert!(
+        delay >= Duration::from_millis(250) && delay <= Duration::from_secs(30),
+        "{delay:?}"
+    );
+    let buffered = ok(agent.metric("telespool_buffered_bytes").await).unwrap_or(0.0);
+    assert!(buffered <= limit as f64);
+
+    upstream.set_mode(Mode::Healthy);
+    ok(upstream
+        .wait_for_ids(Signal::Traces, &acknowledged, DEADLINE)
+        .await);
+    assert_ids_subset(
+        "acknowledged ids upstream",
+        &acknowledged,
+        &upstream.unique_ids(Signal::Traces),
+    );
+    let refused = ok(agent
+        .metric(
+            "telespool_received_requests_total{signal=\"traces\",outcome=\"refused_buffer_full\"}",
+        )
+        .await);
+    assert!(refused.unwrap_or(0.0) >= 1.0, "the refusal is counted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_and_oversized_requests_get_clear_statuses_and_do_not_disturb_other_data() {
+    let upstream = Upstream::start().await;
+    let agent = agent(&upstream, "[receiver]\nmax_request_bytes = \"64KiB\"\n").await;
+    let addr = agent.grpc_addr();
+    let good_before = fresh_ids(10);
+    ok(send(addr, Signal::Metrics, &good_before).await);
+
+    // Field 1 of ExportMetricsServiceRequest says 100 bytes follow; 2 do.
+    let truncated = Bytes::from_static(&[0x0a, 100, 1, 2]);
+    let status = send_raw(addr, Signal::Metrics.grpc_path(), truncated)
+        .await
+        .expect_err("a truncated message must be refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("byte"),
+        "names the offset: {}",
+        status.message()
+    );
+    assert!(!is_retryable(&status));
+
+    let garbage = Bytes::from(vec![0xff; 64]);
+    let status = send_raw(addr, Signal::Logs.grpc_path(), garbage)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    let big = ExportRequest::build_with(
+        Signal::Traces,
+        &fresh_ids(200),
+        &ItemSpec {
+            payload_bytes: 1024,
+            ..ItemSpec::default()
+        },
+    )
+    .encode_to_bytes();
+    assert!(big.len() > 64 * 1024);
+    let status = send_raw(addr, Signal::Traces.grpc_path(), big)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("65536"),
+        "gives the limit: {}",
+        status.message()
+    );
+    assert!(
+        retry_delay(&status).is_none(),
+        "too large is not retryable: no RetryInfo"
+    );
+    assert!(!is_retryable(&status));
+
+    let good_after = fresh_ids(10);
+    ok(send(addr, Signal::Metrics, &good_after).await);
+    let all: BTreeSet<u64> = good_before.iter().chain(&good_after).copied().collect();
+    ok(upstream.wait_for_ids(Signal::Metrics, &all, DEADLINE).await);
+    upstream.assert_received_exactly(Signal::Metrics, &all);
+    assert!(upstream.unique_ids(Signal::Traces).is_empty());
+    assert!(upstream.unique_ids(Signal::Logs).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn non_retryable_upstream_reply_drops_only_that_batch() {
+    let upstream = Upstream::start().await;
+    let agent = agent(&upstream, "[batch]\ntimeout = \"10ms\"\n").await;
+    let addr = agent.grpc_addr();
+    let poison = fresh_ids(5);
+    upstream.poison(poison[0]);
+    ok(send(addr, Signal::Logs, &poison).await);
+    ok(upstream
+        .wait_until("the poison batch is refused", DEADLINE, |u| {
+            u.refused(Signal::Logs) >= 1
+        })
+        .await);
+    let rest = fresh_ids(200);
+    for chunk in rest.chunks(20) {
+        ok(send(addr, Signal::Logs, chunk).await);
+    }
+    ok(upstream
+        .wait_for_ids(Signal::Logs, &id_set(&rest), DEADLINE)
+        .await);
+    upstream.assert_received_exactly(Signal::Logs, &id_set(&rest));
+    assert_eq!(
+        upstream.refused(Signal::Logs),
+        1,
+        "the rejected batch is not retried"
+    );
+    let dropped = ok(agent
+        .metric("telespool_dropped_items_total{signal=\"logs\",reason=\"upstream_rejected\"}")
+        .await);
+    assert_eq!(dropped, Some(5.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retryable_upstream_reply_is_retried_until_upstream_accepts() {
+    let upstream = Upstream::start_with(Mode::Fail(Code::Unavailable)).await;
+    let agent = agent(
+        &upstream,
+        "[batch]\ntimeout = \"10ms\"\n[upstream.retry]\ninitial_backoff = \"20ms\"\nmax_backoff = \"100ms\"\n",
+    )
+    .await;
+    let ids = fresh_ids(100);
+    ok(send(agent.grpc_addr(), Signal::Traces, &ids).await);
+    ok(upstream
+        .wait_until("a few refused attempts", DEADLINE, |u| {
+            u.refused(Signal::Traces) >= 3
+        })
+        .await);
+    upstream.set_mode(Mode::Healthy);
+    ok(upstream
+        .wait_for_ids(Signal::Traces, &id_set(&ids), DEADLINE)
+        .await);
+    upstream.assert_received_exactly(Signal::Traces, &id_set(&ids));
+}
