@@ -153,9 +153,21 @@ impl Upstream {
 
 fn failure_from_status(status: Status) -> ExportFailure {
     let retry_after = status.get_details_retry_info().and_then(|r| r.retry_delay);
+    // A status with a source error was made up by the client from a transport
+    // failure (connection reset, stream cut, GOAWAY): upstream never answered,
+    // so whatever code tonic picked (often UNKNOWN or INTERNAL) the batch was
+    // not refused by upstream and must be retried, not dropped.
+    let code = match std::error::Error::source(&status) {
+        Some(_) => Code::Unavailable,
+        None => status.code(),
+    };
+    let message = match std::error::Error::source(&status) {
+        Some(cause) => format!("{} ({cause})", status.message()),
+        None => status.message().to_owned(),
+    };
     ExportFailure {
-        code: status.code(),
-        message: status.message().to_owned(),
+        code,
+        message,
         retry_after,
     }
 }

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::{Batch, Batcher, Limits, Origin};
 use crate::buffer::MemoryBudget;
-use crate::config::{Config, RetryConfig};
+use crate::config::{Config, RetryConfig, WhenFull};
 use crate::exporter::Upstream;
 use crate::metrics::{DropReason, Metrics};
 use crate::queue::ExportQueue;
@@ -49,6 +49,7 @@ pub struct Pipeline {
     budget: Arc<MemoryBudget>,
     max_wait: Duration,
     retry: RetryConfig,
+    when_full: WhenFull,
     lanes: [Mutex<Lane>; 3],
     /// Wakes the batch timer when a lane opens a batch.
     timer: Notify,
@@ -99,6 +100,7 @@ impl Pipeline {
             budget: MemoryBudget::new(config.buffer.max_bytes.0),
             max_wait: config.buffer.max_wait,
             retry: config.upstream.retry.clone(),
+            when_full: config.spool.when_full,
             lanes: [
                 lane(Signal::Traces),
                 lane(Signal::Metrics),
@@ -359,11 +361,54 @@ impl Pipeline {
 
     /// Write memory batches to the spool in one transaction. Returns those that
     /// did not fit (spool full), still owned by the caller; written ones are
-    /// dropped from memory and counted.
+    /// dropped from memory and counted. With `spool.when_full = "drop_oldest"`
+    /// the oldest spooled batches are evicted (and counted) to make room.
     pub async fn write_to_spool(&self, batches: Vec<Batch>) -> Vec<Batch> {
-        if batches.is_empty() {
-            return batches;
+        let mut pending = batches;
+        for _attempt in 0..3 {
+            if pending.is_empty() {
+                break;
+            }
+            let (written, full) = self.insert_rows(&pending).await;
+            let rest = pending.split_off(written.min(pending.len()));
+            for b in &pending {
+                self.metrics.spooled(b.signal, b.items);
+            }
+            if !pending.is_empty() {
+                self.replay_wake.notify_waiters();
+            }
+            pending = rest;
+            if !full || pending.is_empty() || self.when_full != WhenFull::DropOldest {
+                break;
+            }
+            // Page overhead makes the usable payload a little smaller than the bound.
+            let need: u64 = pending.iter().map(|b| b.bytes).sum::<u64>() * 11 / 10 + 64 * 1024;
+            match self.spool.drop_oldest(need).await {
+                Ok(evicted) if !evicted.is_empty() => {
+                    let mut items = 0;
+                    for (signal, n) in &evicted {
+                        self.metrics.dropped(*signal, DropReason::SpoolEvicted, *n);
+                        items += n;
+                    }
+                    tracing::warn!(
+                        batches = evicted.len(),
+                        items,
+                        "spool full: dropped the oldest spooled batches (spool.when_full = \"drop_oldest\")"
+                    );
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot evict from the spool");
+                    break;
+                }
+            }
         }
+        pending
+    }
+
+    /// One insert transaction: how many of `batches` (from the front) were
+    /// written, and whether the spool was full.
+    async fn insert_rows(&self, batches: &[Batch]) -> (usize, bool) {
         let rows = batches
             .iter()
             .map(|b| NewBatch {
@@ -374,31 +419,22 @@ impl Pipeline {
                 payload: b.chunks.clone(),
             })
             .collect();
-        let written = match self.spool.insert(rows).await {
+        match self.spool.insert(rows).await {
             Ok(outcome) => {
                 if outcome.full {
                     tracing::warn!(
                         written = outcome.written,
                         refused = batches.len() - outcome.written,
-                        "spool is full (spool.max_bytes or the disk); batches stay in memory"
+                        "spool is full (spool.max_bytes or the disk)"
                     );
                 }
-                outcome.written
+                (outcome.written, outcome.full)
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot write to the spool");
-                0
+                (0, false)
             }
-        };
-        let mut rest = batches;
-        let unwritten = rest.split_off(written.min(rest.len()));
-        for b in &rest {
-            self.metrics.spooled(b.signal, b.items);
         }
-        if !rest.is_empty() {
-            self.replay_wake.notify_waiters();
-        }
-        unwritten
     }
 
     /// While upstream is failing and memory is above the high-water mark, move
