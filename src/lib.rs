@@ -27,4 +27,5 @@ pub mod receiver;
 pub mod retry;
 pub mod shutdown;
 pub mod signal;
+pub mod spool;
 pub mod wire;

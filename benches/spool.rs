@@ -1,0 +1,115 @@
+//! Spool cost: writing a full 64 MiB buffer at shutdown, and replaying it.
+//!
+//! `cargo bench --bench spool`. Files live in a temporary directory, so the figures
+//! are for whatever disk backs `$TMPDIR`.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use telespool::signal::Signal;
+use telespool::spool::{NewBatch, Spool, SpoolOptions, Synchronous};
+use tempfile::TempDir;
+
+const TOTAL: usize = 64 << 20;
+const BATCH: usize = 4 << 20;
+
+fn buffer() -> Vec<NewBatch> {
+    (0..TOTAL / BATCH)
+        .map(|i| {
+            // Four 1 MiB requests per batch, as the batcher would concatenate them.
+            let chunk = Bytes::from(vec![i as u8; BATCH / 4]);
+            NewBatch {
+                signal: Signal::ALL[i % 3],
+                items: 8192,
+                created_ms: i as i64,
+                attempts: 0,
+                payload: vec![chunk; 4],
+            }
+        })
+        .collect()
+}
+
+fn open(dir: &TempDir, synchronous: Synchronous) -> Spool {
+    let opts = SpoolOptions {
+        max_bytes: 1 << 30,
+        synchronous,
+    };
+    match Spool::open(&dir.path().join("spool.db"), opts) {
+        Ok((spool, _)) => spool,
+        Err(e) => panic!("open: {e}"),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// One `insert` of 16 × 4 MiB into an empty spool (the shutdown spool step).
+fn insert_64mib(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("spool_insert_64MiB_as_16x4MiB");
+    group.throughput(Throughput::Bytes(TOTAL as u64));
+    group.sample_size(10);
+    for sync in [Synchronous::Normal, Synchronous::Full] {
+        group.bench_function(BenchmarkId::from_parameter(format!("{sync:?}")), |b| {
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    let dir = TempDir::new().expect("tempdir");
+                    let spool = open(&dir, sync);
+                    let batches = buffer();
+                    let start = Instant::now();
+                    let outcome = rt.block_on(spool.insert(batches)).expect("insert");
+                    spent += start.elapsed();
+                    assert_eq!(outcome.written, TOTAL / BATCH);
+                    rt.block_on(spool.close()).expect("close");
+                }
+                spent
+            })
+        });
+    }
+    group.finish();
+}
+
+/// Replay: `oldest` + `delete` one batch at a time until 64 MiB are drained.
+fn replay_64mib(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("spool_replay_64MiB");
+    group.throughput(Throughput::Bytes(TOTAL as u64));
+    group.sample_size(10);
+    group.bench_function("oldest_then_delete", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iters {
+                let dir = TempDir::new().expect("tempdir");
+                let spool = open(&dir, Synchronous::Normal);
+                rt.block_on(spool.insert(buffer())).expect("fill");
+                let start = Instant::now();
+                let drained = rt.block_on(async {
+                    let mut drained = 0;
+                    loop {
+                        let rows = spool.oldest(0, 1).await.expect("oldest");
+                        if rows.is_empty() {
+                            break drained;
+                        }
+                        drained += rows.iter().map(|r| r.payload.len()).sum::<usize>();
+                        let ids = rows.iter().map(|r| r.id).collect();
+                        spool.delete(ids).await.expect("delete");
+                    }
+                });
+                spent += start.elapsed();
+                assert_eq!(drained, TOTAL);
+                rt.block_on(spool.close()).expect("close");
+            }
+            spent
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, insert_64mib, replay_64mib);
+criterion_main!(benches);

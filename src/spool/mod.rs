@@ -1,0 +1,446 @@
+//! The SQLite spool: batches that telespool acknowledged to clients but upstream
+//! has not acknowledged yet, kept across restarts and outages.
+//!
+//! # Schema
+//!
+//! One SQLite file, one table; each row is one upstream batch of one signal:
+//!
+//! ```sql
+//! CREATE TABLE batches(
+//!     id         INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused, so ids only grow
+//!     signal     TEXT NOT NULL,     -- Signal::as_str(): traces | metrics | logs
+//!     items      INTEGER NOT NULL,  -- spans / data points / log records in the payload
+//!     bytes      INTEGER NOT NULL,  -- length of payload
+//!     created_ms INTEGER NOT NULL,  -- unix ms when the batch was sealed
+//!     attempts   INTEGER NOT NULL,  -- upstream export attempts so far
+//!     payload    BLOB NOT NULL);
+//! ```
+//!
+//! `PRAGMA application_id` is [`APPLICATION_ID`] ("TSPL"), so a SQLite file written
+//! by some other program is recognised rather than written into, and
+//! `PRAGMA user_version` is [`SCHEMA_VERSION`]. Both are set in the same transaction
+//! that creates the table.
+//!
+//! # On-disk format
+//!
+//! `payload` is the concatenation of serialized OTLP `Export*ServiceRequest`
+//! messages of the row's signal, exactly as they arrived. Protobuf concatenation of
+//! two requests is a valid request holding both resource lists, so a row's payload is
+//! itself one valid request and replay sends it upstream unchanged. Next to
+//! `spool.db` live SQLite's `spool.db-wal` and `spool.db-shm` and telespool's
+//! `spool.db.lock`. The directory is created 0700, the database 0600 (SQLite gives
+//! the -wal and -shm files the database's mode).
+//!
+//! # Delivery guarantee
+//!
+//! At-least-once. A row is deleted only after upstream acknowledged its batch, so
+//! nothing committed here is lost while the file survives. Duplicates happen when
+//! the agent stops (crash, SIGKILL, power loss) after upstream received a batch but
+//! before the delete committed: that batch is replayed on the next start.
+//! Journal mode is WAL. With [`Synchronous::Normal`] (the default) a commit survives a
+//! process crash but the last commits may be lost on power loss;
+//! [`Synchronous::Full`] fsyncs every commit, for the durable acknowledgement mode.
+//!
+//! # Size bound
+//!
+//! `max_bytes` is enforced by SQLite itself: every open sets
+//! `PRAGMA max_page_count = max_bytes / page_size`. A full spool and a full disk are
+//! then the same error, `SQLITE_FULL`, and SQLite rolls the statement back, so the
+//! file stays valid either way. [`Spool::insert`] reports it as
+//! [`InsertOutcome::full`] after writing as many leading batches as fit; it never
+//! returns [`SpoolError::Full`] (other operations may, on a full disk).
+//! The bound counts pages, not payload: b-tree and overflow-page overhead make the
+//! usable payload a few percent smaller than `max_bytes`, so callers of
+//! [`Spool::drop_oldest`] should ask for a little more than the batch they want to
+//! fit and retry. Freed pages are reused, the file does not shrink (only `purge`
+//! vacuums). The bound does not cover the WAL file, which briefly holds the largest
+//! transaction and is truncated back to `journal_size_limit` after checkpoints.
+//! Lowering `max_bytes` below the current file size keeps the current size as the
+//! bound until rows are deleted and their pages reused.
+//!
+//! # Locking and threads
+//!
+//! [`Spool::open`] takes an exclusive advisory lock (`flock`) on `<file>.lock` and
+//! holds it until close; a second agent, or `telespool spool purge` run against a
+//! live agent, gets [`SpoolError::Locked`]. The lock file is never deleted (deleting
+//! it would let two processes lock two different files). Inside the process one
+//! dedicated OS thread owns the `rusqlite::Connection`; [`Spool`] handles send it
+//! commands over a channel and await a oneshot reply, so no SQLite call ever runs on
+//! the tokio runtime and no in-process SQLite locking is needed. The worker publishes
+//! [`SpoolStats`] into a mutex after every command for [`Spool::stats_cached`].
+//!
+//! # Opening a damaged file
+//!
+//! A file that is not SQLite, carries a foreign `application_id`, has an unexpected
+//! table layout or fails `PRAGMA quick_check` is renamed to
+//! `<file>.corrupt-<unix seconds>` (with its -wal and -shm), reported in
+//! [`OpenReport::quarantined`], and a fresh spool is created: the agent still starts.
+//! A file whose `user_version` is newer than [`SCHEMA_VERSION`] is refused instead
+//! ([`SpoolError::SchemaTooNew`]): it is probably fine, just written by a newer
+//! telespool, and must not be thrown away by a downgrade.
+
+mod offline;
+mod open;
+mod store;
+
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::signal::Signal;
+use store::Store;
+
+pub use offline::{purge, read_all, verify, SpoolReader, VerifyReport};
+
+/// `PRAGMA application_id` of a telespool spool: ASCII "TSPL".
+pub const APPLICATION_ID: i32 = 0x5453_504C;
+/// `PRAGMA user_version` this binary writes and understands.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// SQLite's `synchronous` setting for the spool (the journal is always WAL).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Synchronous {
+    /// Commits survive a process crash; the last ones may be lost on power loss.
+    #[default]
+    Normal,
+    /// Every commit is fsynced: survives power loss, costs an fsync per commit.
+    Full,
+}
+
+/// How to open the spool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpoolOptions {
+    /// Bound on the database file, enforced through `PRAGMA max_page_count`.
+    pub max_bytes: u64,
+    /// Durability of each commit.
+    pub synchronous: Synchronous,
+}
+
+impl Default for SpoolOptions {
+    fn default() -> Self {
+        SpoolOptions {
+            max_bytes: 1 << 30,
+            synchronous: Synchronous::Normal,
+        }
+    }
+}
+
+/// A batch to write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewBatch {
+    pub signal: Signal,
+    pub items: u64,
+    pub created_ms: i64,
+    pub attempts: u32,
+    /// Serialized OTLP requests of `signal`; stored concatenated as one BLOB.
+    pub payload: Vec<Bytes>,
+}
+
+/// A batch read back from the spool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpooledBatch {
+    /// Row id: grows with every insert and is never reused.
+    pub id: i64,
+    pub signal: Signal,
+    pub items: u64,
+    /// `payload.len()`.
+    pub bytes: u64,
+    pub created_ms: i64,
+    pub attempts: u32,
+    /// One valid OTLP export request of `signal`.
+    pub payload: Bytes,
+}
+
+/// What the spool holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SpoolStats {
+    pub rows: u64,
+    /// Sum of payload bytes (not the file size).
+    pub bytes: u64,
+    /// Items per signal, indexed by [`Signal::index`].
+    pub items: [u64; 3],
+    /// Smallest `created_ms` of any row; None when empty.
+    pub oldest_created_ms: Option<i64>,
+}
+
+/// What [`Spool::open`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenReport {
+    /// Where an unusable file was moved, and why; the caller logs it.
+    pub quarantined: Option<(PathBuf, String)>,
+    /// Contents after opening: the backlog to replay.
+    pub stats: SpoolStats,
+}
+
+/// Result of [`Spool::insert`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InsertOutcome {
+    /// The first `written` batches of the input were committed; the rest were not.
+    pub written: usize,
+    /// The spool (or the disk) had no room for batch number `written`.
+    pub full: bool,
+}
+
+/// Everything that can go wrong with the spool.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// The spool's directory is missing and cannot be created, or is not a directory.
+    #[error("cannot create spool directory {dir}: {source}; set spool.path to a writable location or fix the directory's owner")]
+    Directory {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    /// A spool file (database, lock file, quarantine rename) cannot be created,
+    /// opened, renamed or chmod-ed.
+    #[error("cannot {action} {path}: {source}; set spool.path to a writable location or fix the file's owner")]
+    File {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Another process holds `<file>.lock`: a running agent or spool tool.
+    #[error("spool {path} is in use by another telespool process (lock file {lock}); stop it first or point spool.path elsewhere")]
+    Locked { path: PathBuf, lock: PathBuf },
+    /// The file was written by a newer telespool whose schema this binary does not know.
+    #[error("spool {path} has schema version {version}, newer than this telespool supports ({SCHEMA_VERSION}); upgrade telespool or move the file aside")]
+    SchemaTooNew { path: PathBuf, version: i64 },
+    /// An offline tool was pointed at a path with no spool file.
+    #[error("no spool at {path}; check spool.path or --spool")]
+    Missing { path: PathBuf },
+    /// An offline tool was pointed at a file that is not a telespool spool. (The agent
+    /// quarantines such files instead.)
+    #[error("{path} is not a telespool spool: {why}; check the path, or start the agent to move it aside")]
+    NotASpool { path: PathBuf, why: String },
+    /// A non-insert write hit `SQLITE_FULL`: the disk is full (or the file is at
+    /// `max_bytes` and the operation needed a page). Insert reports fullness through
+    /// [`InsertOutcome::full`] instead.
+    #[error("spool {path} is full (spool.max_bytes reached or the disk is full); free disk space or raise spool.max_bytes")]
+    Full { path: PathBuf },
+    /// A row whose columns cannot be decoded (unknown signal, negative count).
+    #[error("spool {path} row {id} is unreadable ({why}); run `telespool spool verify`, or purge the spool")]
+    BadRow { path: PathBuf, id: i64, why: String },
+    /// Any other SQLite failure: I/O error, corruption found while running.
+    #[error(
+        "spool {path}: SQLite error: {source}; check the disk, then run `telespool spool verify`"
+    )]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    /// The OS refused to start the spool's worker thread.
+    #[error("cannot start the spool thread: {0}; the host is out of threads or memory")]
+    Thread(std::io::Error),
+    /// The spool was closed (by this or another handle) before the call.
+    #[error("the spool is closed; no further spool operations are possible")]
+    Closed,
+    /// The worker thread panicked: a bug. The file is checked on the next start.
+    #[error("the spool worker thread panicked; this is a bug, please report it (the spool file is checked on the next start)")]
+    WorkerPanicked,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
+
+/// A request to the worker thread.
+enum Command {
+    Insert(Vec<NewBatch>, Reply<InsertOutcome>),
+    Oldest(i64, usize, Reply<Vec<SpooledBatch>>),
+    Delete(Vec<i64>, Reply<()>),
+    RecordAttempt(i64, Reply<()>),
+    DropOldest(u64, Reply<Vec<(Signal, u64)>>),
+    Stats(Reply<SpoolStats>),
+    Close(Reply<()>),
+}
+
+/// Handle to the spool. Clones share one worker thread and one connection.
+#[derive(Clone)]
+pub struct Spool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Commands to the worker; a send fails once the worker has exited.
+    commands: mpsc::Sender<Command>,
+    /// Written by the worker after every command, read by `stats_cached`.
+    stats: Arc<Mutex<SpoolStats>>,
+    /// Taken by the first `close` to join the worker.
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Spool {
+    /// Opens (creating, checking or quarantining as needed) the spool at `path` and
+    /// starts its worker thread. Blocks: call it before the runtime serves traffic.
+    pub fn open(path: &Path, opts: SpoolOptions) -> Result<(Spool, OpenReport), SpoolError> {
+        let (opened_tx, opened_rx) = mpsc::sync_channel(1);
+        let (commands, rx) = mpsc::channel();
+        let stats = Arc::new(Mutex::new(SpoolStats::default()));
+        let worker_stats = Arc::clone(&stats);
+        let path = path.to_owned();
+        let thread = thread::Builder::new()
+            .name("telespool-spool".into())
+            .spawn(move || {
+                let (store, report) = match Store::open(&path, &opts) {
+                    Ok(opened) => opened,
+                    Err(e) => {
+                        let _ = opened_tx.send(Err(e));
+                        return;
+                    }
+                };
+                publish(&worker_stats, store.stats());
+                if opened_tx.send(Ok(report)).is_ok() {
+                    run_worker(store, rx, &worker_stats);
+                }
+            })
+            .map_err(SpoolError::Thread)?;
+        match opened_rx.recv() {
+            Ok(Ok(report)) => {
+                let inner = Inner {
+                    commands,
+                    stats,
+                    thread: Mutex::new(Some(thread)),
+                };
+                let spool = Spool {
+                    inner: Arc::new(inner),
+                };
+                Ok((spool, report))
+            }
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(SpoolError::WorkerPanicked)
+            }
+        }
+    }
+
+    /// Writes all `batches` in one transaction. When they do not fit, writes them
+    /// one per transaction in order until one does not fit and reports `full`.
+    pub async fn insert(&self, batches: Vec<NewBatch>) -> Result<InsertOutcome, SpoolError> {
+        self.call(|reply| Command::Insert(batches, reply)).await
+    }
+
+    /// Up to `limit` rows with `id > after_id`, oldest first (pass 0 to start).
+    pub async fn oldest(
+        &self,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<SpooledBatch>, SpoolError> {
+        self.call(|reply| Command::Oldest(after_id, limit, reply))
+            .await
+    }
+
+    /// Deletes these rows in one transaction; ids no longer present are ignored.
+    pub async fn delete(&self, ids: Vec<i64>) -> Result<(), SpoolError> {
+        self.call(|reply| Command::Delete(ids, reply)).await
+    }
+
+    /// Adds one to the row's `attempts`; a missing id is ignored.
+    pub async fn record_attempt(&self, id: i64) -> Result<(), SpoolError> {
+        self.call(|reply| Command::RecordAttempt(id, reply)).await
+    }
+
+    /// Deletes the oldest rows until their payloads add up to at least
+    /// `bytes_needed` (or the spool is empty), in one transaction. Returns the signal
+    /// and item count of every dropped row, oldest first, for drop counters.
+    pub async fn drop_oldest(&self, bytes_needed: u64) -> Result<Vec<(Signal, u64)>, SpoolError> {
+        self.call(|reply| Command::DropOldest(bytes_needed, reply))
+            .await
+    }
+
+    /// Counts recomputed from the table (also refreshes [`Spool::stats_cached`]).
+    pub async fn stats(&self) -> Result<SpoolStats, SpoolError> {
+        self.call(Command::Stats).await
+    }
+
+    /// The counts as of the last completed command, without a round trip.
+    pub fn stats_cached(&self) -> SpoolStats {
+        self.inner
+            .stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Checkpoints and truncates the WAL, closes the file, releases the lock and
+    /// joins the worker. Other clones get [`SpoolError::Closed`] afterwards.
+    pub async fn close(self) -> Result<(), SpoolError> {
+        let closed = self.call(Command::Close).await;
+        let thread = self
+            .inner
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(thread) = thread {
+            // The worker has replied and is returning; join off the runtime anyway.
+            let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                return Err(SpoolError::WorkerPanicked);
+            }
+        }
+        closed
+    }
+
+    async fn call<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, SpoolError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .commands
+            .send(command(reply))
+            .map_err(|_| SpoolError::Closed)?;
+        answer.await.map_err(|_| SpoolError::Closed)?
+    }
+}
+
+/// Publishes the counts, then replies: a caller that saw the reply also sees the
+/// counts in `stats_cached`. A caller that stopped waiting dropped its receiver; its
+/// answer is moot, so a failed send is ignored.
+fn answer<T>(
+    reply: Reply<T>,
+    result: Result<T, SpoolError>,
+    store: &Store,
+    stats: &Mutex<SpoolStats>,
+) {
+    publish(stats, store.stats());
+    let _ = reply.send(result);
+}
+
+fn publish(shared: &Mutex<SpoolStats>, stats: &SpoolStats) {
+    *shared.lock().unwrap_or_else(PoisonError::into_inner) = stats.clone();
+}
+
+/// The worker thread's loop: one command at a time until `Close` or until every
+/// handle is dropped (then it closes the store itself).
+fn run_worker(mut store: Store, commands: mpsc::Receiver<Command>, stats: &Mutex<SpoolStats>) {
+    while let Ok(command) = commands.recv() {
+        match command {
+            Command::Insert(batches, reply) => answer(reply, store.insert(&batches), &store, stats),
+            Command::Oldest(after_id, limit, reply) => {
+                answer(reply, store.oldest(after_id, limit), &store, stats)
+            }
+            Command::Delete(ids, reply) => answer(reply, store.delete(&ids), &store, stats),
+            Command::RecordAttempt(id, reply) => {
+                answer(reply, store.record_attempt(id), &store, stats)
+            }
+            Command::DropOldest(bytes_needed, reply) => {
+                answer(reply, store.drop_oldest(bytes_needed), &store, stats)
+            }
+            Command::Stats(reply) => {
+                let result = store.refresh_stats().cloned();
+                answer(reply, result, &store, stats)
+            }
+            Command::Close(reply) => {
+                publish(stats, store.stats());
+                // Reply only once the file is closed and the lock released.
+                let _ = reply.send(store.close());
+                return;
+            }
+        }
+    }
+    if let Err(e) = store.close() {
+        tracing::warn!(error = %e, "closing the spool after its last handle was dropped");
+    }
+}

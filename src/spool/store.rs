@@ -1,0 +1,454 @@
+//! The synchronous SQLite side of the spool: the connection's settings, the schema
+//! and the statements. Only the worker thread and the offline tools call it.
+
+use std::borrow::Cow;
+use std::fs::{self, OpenOptions, Permissions};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
+
+use super::open::{ensure_dir, file_err, inspect, lock, quarantine, SpoolLock};
+use super::{
+    InsertOutcome, NewBatch, OpenReport, SpoolError, SpoolOptions, SpoolStats, SpooledBatch,
+    Synchronous, APPLICATION_ID, SCHEMA_VERSION,
+};
+use crate::signal::Signal;
+
+const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS batches(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    signal TEXT NOT NULL,
+    items INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    payload BLOB NOT NULL)";
+/// The WAL is cut back to this size after a checkpoint that emptied it.
+const JOURNAL_SIZE_LIMIT: i64 = 4 << 20;
+
+pub(super) fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> SpoolError + '_ {
+    move |source| match source.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => SpoolError::Full {
+            path: path.to_owned(),
+        },
+        _ => SpoolError::Sqlite {
+            path: path.to_owned(),
+            source,
+        },
+    }
+}
+
+fn is_full(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(ErrorCode::DiskFull)
+}
+
+/// Counts recomputed from the table.
+pub(super) fn compute_stats(conn: &Connection) -> rusqlite::Result<SpoolStats> {
+    let mut stats = SpoolStats::default();
+    let mut stmt = conn.prepare(
+        "SELECT signal, count(*), sum(bytes), sum(items), min(created_ms)
+         FROM batches GROUP BY signal",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let signal: String = row.get(0)?;
+        stats.rows += row.get::<_, i64>(1)?.unsigned_abs();
+        stats.bytes += row.get::<_, i64>(2)?.unsigned_abs();
+        if let Ok(signal) = signal.parse::<Signal>() {
+            stats.items[signal.index()] += row.get::<_, i64>(3)?.unsigned_abs();
+        }
+        let oldest: Option<i64> = row.get(4)?;
+        stats.oldest_created_ms = min_opt(stats.oldest_created_ms, oldest);
+    }
+    Ok(stats)
+}
+
+fn min_opt(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Concatenation of the chunks, borrowed when there is only one.
+fn concat(chunks: &[Bytes]) -> Cow<'_, [u8]> {
+    match chunks {
+        [one] => Cow::Borrowed(one),
+        _ => {
+            let mut all = Vec::with_capacity(chunks.iter().map(Bytes::len).sum());
+            for chunk in chunks {
+                all.extend_from_slice(chunk);
+            }
+            Cow::Owned(all)
+        }
+    }
+}
+
+/// Signal, items, bytes and created_ms of a deleted row.
+type Removed = (String, i64, i64, i64);
+
+/// An open spool: the connection, the lock, and counts kept in step with the table.
+pub(super) struct Store {
+    conn: Connection,
+    path: PathBuf,
+    stats: SpoolStats,
+    _lock: SpoolLock,
+}
+
+impl Store {
+    pub(super) fn open(
+        path: &Path,
+        opts: &SpoolOptions,
+    ) -> Result<(Store, OpenReport), SpoolError> {
+        ensure_dir(path)?;
+        let lock = lock(path)?;
+        let mut quarantined = None;
+        if path.exists() {
+            if let Some(why) = inspect(path)? {
+                quarantined = Some((quarantine(path)?, why));
+            }
+        }
+        // Create the file ourselves so it is 0600 from the start; SQLite gives the
+        // -wal and -shm files the same mode.
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(file_err("create", path))?;
+        fs::set_permissions(path, Permissions::from_mode(0o600))
+            .map_err(file_err("chmod", path))?;
+
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+            .map_err(sql_err(path))?;
+        let mut store = Store {
+            conn,
+            path: path.to_owned(),
+            stats: SpoolStats::default(),
+            _lock: lock,
+        };
+        store.configure(opts).map_err(sql_err(path))?;
+        store.refresh_stats()?;
+        let stats = store.stats.clone();
+        Ok((store, OpenReport { quarantined, stats }))
+    }
+
+    fn configure(&mut self, opts: &SpoolOptions) -> rusqlite::Result<()> {
+        let conn = &self.conn;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(path = %self.path.display(), %mode, "SQLite refused WAL journal mode for the spool");
+        }
+        let sync = match opts.synchronous {
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+        };
+        conn.pragma_update(None, "synchronous", sync)?;
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let pages = i64::try_from(opts.max_bytes / page_size.max(1).unsigned_abs())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        let _: i64 = conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+            r.get(0)
+        })?;
+        let _: i64 = conn.query_row(
+            &format!("PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}"),
+            [],
+            |r| r.get(0),
+        )?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version < SCHEMA_VERSION {
+            conn.execute_batch(&format!(
+                "BEGIN IMMEDIATE;
+                 {CREATE_TABLE};
+                 PRAGMA application_id = {APPLICATION_ID};
+                 PRAGMA user_version = {SCHEMA_VERSION};
+                 COMMIT;"
+            ))?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn stats(&self) -> &SpoolStats {
+        &self.stats
+    }
+
+    pub(super) fn refresh_stats(&mut self) -> Result<&SpoolStats, SpoolError> {
+        self.stats = compute_stats(&self.conn).map_err(sql_err(&self.path))?;
+        Ok(&self.stats)
+    }
+
+    /// Runs `f` in a write transaction; rolls back if it fails.
+    fn transaction<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let result = f(&self.conn).and_then(|v| self.conn.execute_batch("COMMIT").map(|()| v));
+        // SQLite may already have rolled back on its own (SQLITE_FULL can do that).
+        if result.is_err() && !self.conn.is_autocommit() {
+            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
+                tracing::warn!(path = %self.path.display(), error = %e, "rolling back a spool transaction");
+            }
+        }
+        result
+    }
+
+    fn insert_rows(conn: &Connection, batches: &[NewBatch]) -> rusqlite::Result<()> {
+        let mut stmt = conn.prepare_cached(
+            "INSERT INTO batches(signal, items, bytes, created_ms, attempts, payload)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for batch in batches {
+            let payload = concat(&batch.payload);
+            stmt.execute(params![
+                batch.signal.as_str(),
+                i64::try_from(batch.items).unwrap_or(i64::MAX),
+                payload.len() as i64,
+                batch.created_ms,
+                batch.attempts,
+                &payload[..],
+            ])?;
+        }
+        Ok(())
+    }
+
+    fn account_inserted(&mut self, batches: &[NewBatch]) {
+        for batch in batches {
+            let s = &mut self.stats;
+            s.rows += 1;
+            s.bytes += batch.payload.iter().map(|c| c.len() as u64).sum::<u64>();
+            s.items[batch.signal.index()] += batch.items;
+            s.oldest_created_ms = min_opt(s.oldest_created_ms, Some(batch.created_ms));
+        }
+    }
+
+    pub(super) fn insert(&mut self, batches: &[NewBatch]) -> Result<InsertOutcome, SpoolError> {
+        match self.transaction(|conn| Self::insert_rows(conn, batches)) {
+            Ok(()) => {
+                self.account_inserted(batches);
+                return Ok(InsertOutcome {
+                    written: batches.len(),
+                    full: false,
+                });
+            }
+            Err(e) if is_full(&e) => {}
+            Err(e) => return Err(sql_err(&self.path)(e)),
+        }
+        // Not all of them fit: keep as many leading batches as do.
+        for (i, batch) in batches.iter().enumerate() {
+            let one = std::slice::from_ref(batch);
+            match self.transaction(|conn| Self::insert_rows(conn, one)) {
+                Ok(()) => self.account_inserted(one),
+                Err(e) if is_full(&e) => {
+                    return Ok(InsertOutcome {
+                        written: i,
+                        full: true,
+                    })
+                }
+                Err(e) => return Err(sql_err(&self.path)(e)),
+            }
+        }
+        Ok(InsertOutcome {
+            written: batches.len(),
+            full: false,
+        })
+    }
+
+    pub(super) fn oldest(
+        &self,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<SpooledBatch>, SpoolError> {
+        let sql = sql_err(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, signal, items, bytes, created_ms, attempts, payload
+                 FROM batches WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )
+            .map_err(&sql)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut rows = stmt.query(params![after_id, limit]).map_err(&sql)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(&sql)? {
+            out.push(decode_row(&self.path, row)?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes the rows and keeps `stats` in step.
+    fn remove(&mut self, removed: &[Removed]) -> rusqlite::Result<()> {
+        let mut recompute_oldest = false;
+        for (signal, items, bytes, created_ms) in removed {
+            let s = &mut self.stats;
+            s.rows = s.rows.saturating_sub(1);
+            s.bytes = s.bytes.saturating_sub(bytes.unsigned_abs());
+            if let Ok(signal) = signal.parse::<Signal>() {
+                let i = signal.index();
+                s.items[i] = s.items[i].saturating_sub(items.unsigned_abs());
+            }
+            recompute_oldest |= s.oldest_created_ms.is_none_or(|o| *created_ms <= o);
+        }
+        if recompute_oldest {
+            self.stats.oldest_created_ms =
+                self.conn
+                    .query_row("SELECT min(created_ms) FROM batches", [], |r| r.get(0))?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn delete(&mut self, ids: &[i64]) -> Result<(), SpoolError> {
+        let removed = self
+            .transaction(|conn| {
+                let mut stmt = conn.prepare_cached(
+                    "DELETE FROM batches WHERE id = ?1 RETURNING signal, items, bytes, created_ms",
+                )?;
+                let mut removed = Vec::with_capacity(ids.len());
+                for id in ids {
+                    let row = stmt
+                        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                        .optional()?;
+                    removed.extend(row);
+                }
+                Ok(removed)
+            })
+            .map_err(sql_err(&self.path))?;
+        self.remove(&removed).map_err(sql_err(&self.path))
+    }
+
+    pub(super) fn record_attempt(&mut self, id: i64) -> Result<(), SpoolError> {
+        self.conn
+            .prepare_cached("UPDATE batches SET attempts = attempts + 1 WHERE id = ?1")
+            .and_then(|mut stmt| stmt.execute([id]))
+            .map(|_| ())
+            .map_err(sql_err(&self.path))
+    }
+
+    pub(super) fn drop_oldest(
+        &mut self,
+        bytes_needed: u64,
+    ) -> Result<Vec<(Signal, u64)>, SpoolError> {
+        if bytes_needed == 0 {
+            return Ok(Vec::new());
+        }
+        let removed = self
+            .transaction(|conn| {
+                let mut removed: Vec<Removed> = Vec::new();
+                let mut last_id = None;
+                let mut freed = 0u64;
+                let mut stmt = conn.prepare_cached(
+                    "SELECT id, signal, items, bytes, created_ms FROM batches ORDER BY id",
+                )?;
+                let mut rows = stmt.query([])?;
+                while freed < bytes_needed {
+                    let Some(row) = rows.next()? else { break };
+                    last_id = Some(row.get::<_, i64>(0)?);
+                    let bytes: i64 = row.get(3)?;
+                    freed += bytes.unsigned_abs();
+                    removed.push((row.get(1)?, row.get(2)?, bytes, row.get(4)?));
+                }
+                drop(rows);
+                if let Some(last_id) = last_id {
+                    conn.execute("DELETE FROM batches WHERE id <= ?1", [last_id])?;
+                }
+                Ok(removed)
+            })
+            .map_err(sql_err(&self.path))?;
+        self.remove(&removed).map_err(sql_err(&self.path))?;
+        Ok(removed
+            .iter()
+            .filter_map(|(signal, items, _, _)| Some((signal.parse().ok()?, items.unsigned_abs())))
+            .collect())
+    }
+
+    /// Checkpoints the WAL into the file and truncates it, then closes.
+    pub(super) fn close(self) -> Result<(), SpoolError> {
+        let sql = sql_err(&self.path);
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(&sql)?;
+        self.conn.close().map_err(|(_, e)| sql(e))
+    }
+}
+
+/// A `batches` row (columns as in [`Store::oldest`]) as a [`SpooledBatch`].
+pub(super) fn decode_row(path: &Path, row: &rusqlite::Row<'_>) -> Result<SpooledBatch, SpoolError> {
+    let sql = sql_err(path);
+    let id: i64 = row.get(0).map_err(&sql)?;
+    let bad = |why: String| SpoolError::BadRow {
+        path: path.to_owned(),
+        id,
+        why,
+    };
+    let signal: String = row.get(1).map_err(&sql)?;
+    let signal = signal.parse::<Signal>().map_err(|e| bad(e.to_string()))?;
+    let count = |i: usize, name: &str| -> Result<u64, SpoolError> {
+        let v: i64 = row.get(i).map_err(&sql)?;
+        u64::try_from(v).map_err(|_| bad(format!("{name} is {v}")))
+    };
+    let items = count(2, "items")?;
+    let bytes = count(3, "bytes")?;
+    let created_ms: i64 = row.get(4).map_err(&sql)?;
+    let attempts = u32::try_from(count(5, "attempts")?).unwrap_or(u32::MAX);
+    let payload = row.get_ref(6).map_err(&sql)?;
+    let payload = match payload {
+        rusqlite::types::ValueRef::Blob(b) => Bytes::copy_from_slice(b),
+        other => {
+            return Err(bad(format!(
+                "payload is {:?}, not a BLOB",
+                other.data_type()
+            )))
+        }
+    };
+    if payload.len() as u64 != bytes {
+        return Err(bad(format!(
+            "bytes is {bytes} but the payload has {}",
+            payload.len()
+        )));
+    }
+    Ok(SpooledBatch {
+        id,
+        signal,
+        items,
+        bytes,
+        created_ms,
+        attempts,
+        payload,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concat_joins_chunks_and_borrows_a_single_one() {
+        let one = [Bytes::from_static(b"abc")];
+        assert!(matches!(concat(&one), Cow::Borrowed(b"abc")));
+        let many = [
+            Bytes::from_static(b"ab"),
+            Bytes::new(),
+            Bytes::from_static(b"c"),
+        ];
+        assert_eq!(&concat(&many)[..], b"abc");
+        assert!(concat(&[]).is_empty());
+    }
+
+    #[test]
+    fn min_opt_ignores_missing_values() {
+        assert_eq!(min_opt(None, None), None);
+        assert_eq!(min_opt(Some(3), None), Some(3));
+        assert_eq!(min_opt(None, Some(4)), Some(4));
+        assert_eq!(min_opt(Some(5), Some(2)), Some(2));
+    }
+
+    #[test]
+    fn application_id_spells_tspl() {
+        assert_eq!(&APPLICATION_ID.to_be_bytes(), b"TSPL");
+    }
+}
