@@ -251,6 +251,39 @@ pub async fn run(
     Ok(shutdown::run(agent).await)
 }
 
+/// `telespool drain`: no listeners; replay the spool until it is empty or
+/// `timeout` passes, then run the normal shutdown sequence.
+pub async fn drain(
+    config: Config,
+    spool: Spool,
+    opened: OpenReport,
+    timeout: std::time::Duration,
+    tokens: ShutdownTokens,
+) -> Result<Summary, StartError> {
+    let watch = spool.clone();
+    let begin = tokens.begin.clone();
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let rows = watch.stats_cached().rows;
+            if rows == 0 {
+                tracing::info!("spool is empty; drain complete");
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(rows_left = rows, "drain timeout reached");
+                break;
+            }
+            tokio::select! {
+                _ = begin.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            }
+        }
+        begin.cancel();
+    });
+    run(config, spool, opened, Listeners::default(), tokens).await
+}
+
 fn serve(agent: &Agent, name: &'static str, listener: TcpListener, router: axum::Router) {
     let stop = agent.close_listeners.clone();
     agent.panics.spawn(&agent.servers, name, async move {

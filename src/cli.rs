@@ -29,6 +29,40 @@ pub enum Command {
     Run,
     /// Check the configuration and print the effective config, or the error.
     CheckConfig,
+    /// Ask a running agent (its admin listener) for a short summary.
+    Status,
+    /// Offline spool tools (refused while an agent holds the spool).
+    Spool {
+        #[command(subcommand)]
+        command: SpoolCommand,
+    },
+    /// Forward everything in the spool upstream, then exit: 0 when the spool is
+    /// empty, 3 with what is left when --timeout runs out. For decommissioning a
+    /// node (run it after stopping the service).
+    Drain {
+        /// How long to keep trying, e.g. "5m".
+        #[arg(long, default_value = "5m", value_parser = crate::config::parse_duration)]
+        timeout: std::time::Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SpoolCommand {
+    /// Rows, bytes and items per signal, and the oldest row's age.
+    Stats,
+    /// SQLite integrity check plus schema and row checks; exit 1 on problems.
+    Verify,
+    /// Print spooled batches as OTLP/JSON, one export request per line.
+    Export {
+        /// Only this signal: traces, metrics or logs.
+        #[arg(long)]
+        signal: Option<crate::signal::Signal>,
+    },
+    /// Delete every spooled batch (the data is lost). Requires --yes.
+    Purge {
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 /// Options that override the config file; each also as an environment variable.

@@ -18,6 +18,7 @@ pub mod app;
 pub mod batch;
 pub mod buffer;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod exporter;
 pub mod metrics;

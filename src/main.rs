@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use telespool::app::{self, Listeners, ShutdownTokens};
-use telespool::cli::{Cli, Command};
+use telespool::cli::{Cli, Command, SpoolCommand};
+use telespool::commands;
 use telespool::config::{Config, LogFormat};
 use telespool::spool::{Spool, SpoolOptions, Synchronous};
 
@@ -25,7 +26,67 @@ fn main() -> ExitCode {
             eprintln!("telespool: configuration is valid");
             ExitCode::SUCCESS
         }
-        Command::Run => run(config),
+        Command::Run => run(config, None),
+        Command::Drain { timeout } => {
+            if config.upstream.endpoint.is_none() {
+                eprintln!("telespool: drain needs an upstream: set upstream.endpoint, --upstream or TELESPOOL_UPSTREAM_ENDPOINT");
+                return ExitCode::from(2);
+            }
+            run(config, Some(timeout))
+        }
+        Command::Status => offline(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let text = rt.block_on(commands::status(config.admin.listen))?;
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Spool { command } => {
+            let path = config.spool.resolved_path();
+            offline(|| match command {
+                SpoolCommand::Stats => {
+                    print!("{}", commands::spool_stats(&path)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                SpoolCommand::Verify => {
+                    let (sound, text) = commands::spool_verify(&path)?;
+                    print!("{text}");
+                    Ok(if sound {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    })
+                }
+                SpoolCommand::Export { signal } => {
+                    let stdout = std::io::stdout();
+                    let mut out = std::io::BufWriter::new(stdout.lock());
+                    let n = commands::spool_export(&path, signal, &mut out)?;
+                    std::io::Write::flush(&mut out)?;
+                    eprintln!("telespool: exported {n} batches");
+                    Ok(ExitCode::SUCCESS)
+                }
+                SpoolCommand::Purge { yes } => {
+                    if !yes {
+                        eprintln!("telespool: purge deletes every spooled batch for good; run again with --yes");
+                        return Ok(ExitCode::from(2));
+                    }
+                    print!("{}", commands::spool_purge(&path)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+            })
+        }
+    }
+}
+
+/// Run an operator command, printing its error and exiting non-zero on failure.
+fn offline(f: impl FnOnce() -> Result<ExitCode, Box<dyn std::error::Error>>) -> ExitCode {
+    match f() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("telespool: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -43,7 +104,7 @@ fn init_logging(config: &Config) {
     }
 }
 
-fn run(config: Config) -> ExitCode {
+fn run(config: Config, drain: Option<std::time::Duration>) -> ExitCode {
     init_logging(&config);
     let spool_path = config.spool.resolved_path();
     let options = SpoolOptions {
@@ -84,7 +145,11 @@ fn run(config: Config) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let listeners = match Listeners::bind(&config).await {
+        let listeners = match drain {
+            Some(_) => Ok(Listeners::default()),
+            None => Listeners::bind(&config).await,
+        };
+        let listeners = match listeners {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");
@@ -93,7 +158,18 @@ fn run(config: Config) -> ExitCode {
         };
         let tokens = ShutdownTokens::new();
         tokio::spawn(watch_signals(tokens.clone()));
-        match app::run(config, spool, opened, listeners, tokens).await {
+        let result = match drain {
+            Some(timeout) => app::drain(config, spool, opened, timeout, tokens).await,
+            None => app::run(config, spool, opened, listeners, tokens).await,
+        };
+        match result {
+            Ok(summary) if drain.is_some() && summary.spool_rows_left > 0 => {
+                eprintln!(
+                    "telespool: drain incomplete: {} batches left in the spool",
+                    summary.spool_rows_left
+                );
+                ExitCode::from(3)
+            }
             Ok(summary) => ExitCode::from(summary.exit_code() as u8),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");

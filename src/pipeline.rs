@@ -61,6 +61,9 @@ pub struct Pipeline {
     /// Memory batches whose export shutdown cut off; they go to the spool.
     cut: Mutex<Vec<Batch>>,
     replay: Mutex<ReplayClaims>,
+    /// Held while replay claims a row and while eviction picks rows, so a row
+    /// is never both evicted and exported.
+    claim_or_evict: tokio::sync::Mutex<()>,
     /// Wakes replay workers when rows were added to the spool.
     replay_wake: Notify,
 }
@@ -114,6 +117,7 @@ impl Pipeline {
             upstream,
             cut: Mutex::new(Vec::new()),
             replay: Mutex::new(ReplayClaims::default()),
+            claim_or_evict: tokio::sync::Mutex::new(()),
             replay_wake: Notify::new(),
         })
     }
@@ -383,7 +387,15 @@ impl Pipeline {
             }
             // Page overhead makes the usable payload a little smaller than the bound.
             let need: u64 = pending.iter().map(|b| b.bytes).sum::<u64>() * 11 / 10 + 64 * 1024;
-            match self.spool.drop_oldest(need).await {
+            let guard = self.claim_or_evict.lock().await;
+            let in_flight: Vec<i64> = self
+                .replay
+                .lock()
+                .map(|c| c.in_flight.iter().copied().collect())
+                .unwrap_or_default();
+            let evicted = self.spool.drop_oldest(need, in_flight).await;
+            drop(guard);
+            match evicted {
                 Ok(evicted) if !evicted.is_empty() => {
                     let mut items = 0;
                     for (signal, n) in &evicted {
@@ -537,6 +549,7 @@ impl Pipeline {
 
     /// The oldest spool row no other replay worker holds.
     async fn claim_row(&self) -> Option<SpooledBatch> {
+        let _guard = self.claim_or_evict.lock().await;
         for _pass in 0..2 {
             let (cursor, busy) = match self.replay.lock() {
                 Ok(c) => (c.cursor, c.in_flight.len()),

@@ -351,7 +351,10 @@ async fn full_spool_writes_the_batches_that_fit_and_stays_valid() {
     let again = spool.insert(batches(1, 8 << 10)).await.expect("insert");
     assert_eq!((again.written, again.full), (0, true));
 
-    spool.drop_oldest(16 << 10).await.expect("drop_oldest");
+    spool
+        .drop_oldest(16 << 10, Vec::new())
+        .await
+        .expect("drop_oldest");
     let after_drop = spool.insert(batches(1, 8 << 10)).await.expect("insert");
     assert_eq!((after_drop.written, after_drop.full), (1, false));
     assert_stats_consistent(&spool).await;
@@ -377,17 +380,25 @@ async fn drop_oldest_frees_space_and_reports_exactly_what_it_dropped() {
         .await
         .expect("insert");
 
-    assert!(spool.drop_oldest(0).await.expect("drop").is_empty());
-    let dropped = spool.drop_oldest(150).await.expect("drop");
+    assert!(spool
+        .drop_oldest(0, Vec::new())
+        .await
+        .expect("drop")
+        .is_empty());
+    let dropped = spool.drop_oldest(150, Vec::new()).await.expect("drop");
     assert_eq!(dropped, [(Signal::Logs, 4), (Signal::Traces, 7)]);
     let stats = assert_stats_consistent(&spool).await;
     assert_eq!((stats.rows, stats.bytes, stats.items), (2, 200, [0, 2, 9]));
     assert_eq!(stats.oldest_created_ms, Some(30));
 
-    let dropped = spool.drop_oldest(10_000).await.expect("drop");
+    let dropped = spool.drop_oldest(10_000, Vec::new()).await.expect("drop");
     assert_eq!(dropped, [(Signal::Logs, 9), (Signal::Metrics, 2)]);
     assert_eq!(assert_stats_consistent(&spool).await, SpoolStats::default());
-    assert!(spool.drop_oldest(1).await.expect("drop").is_empty());
+    assert!(spool
+        .drop_oldest(1, Vec::new())
+        .await
+        .expect("drop")
+        .is_empty());
     spool.close().await.expect("close");
 }
 
@@ -451,7 +462,7 @@ async fn stats_cached_matches_stats_after_every_operation() {
     assert_stats_consistent(&spool).await;
     spool.record_attempt(rows[1].id).await.expect("attempt");
     assert_stats_consistent(&spool).await;
-    spool.drop_oldest(1).await.expect("drop");
+    spool.drop_oldest(1, Vec::new()).await.expect("drop");
     assert_stats_consistent(&spool).await;
     let before_close = spool.stats_cached();
     spool.close().await.expect("close");
@@ -643,7 +654,10 @@ async fn run_model(ops: Vec<Op>) {
                     freed += row.bytes;
                     want.push((row.signal, row.items));
                 }
-                assert_eq!(spool.drop_oldest(needed).await.expect("drop"), want);
+                assert_eq!(
+                    spool.drop_oldest(needed, Vec::new()).await.expect("drop"),
+                    want
+                );
             }
             Op::Reopen => {
                 spool.close().await.expect("close");
@@ -672,4 +686,26 @@ proptest! {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         runtime.block_on(run_model(ops));
     }
+}
+
+#[tokio::test]
+async fn drop_oldest_never_evicts_rows_being_exported() {
+    let dir = TempDir::new().expect("tempdir");
+    let (spool, _) = open(&spool_path(&dir));
+    spool
+        .insert(vec![
+            batch(Signal::Logs, 4, 10, &[&[1; 100]]),
+            batch(Signal::Traces, 7, 20, &[&[2; 100]]),
+            batch(Signal::Logs, 9, 30, &[&[3; 100]]),
+        ])
+        .await
+        .expect("insert");
+    let rows = spool.oldest(0, 10).await.expect("oldest");
+    let in_flight = vec![rows[0].id];
+    let dropped = spool.drop_oldest(150, in_flight).await.expect("drop");
+    assert_eq!(dropped, [(Signal::Traces, 7), (Signal::Logs, 9)]);
+    let left = spool.oldest(0, 10).await.expect("oldest");
+    assert_eq!(left.iter().map(|r| r.id).collect::<Vec<_>>(), [rows[0].id]);
+    assert_stats_consistent(&spool).await;
+    spool.close().await.expect("close");
 }

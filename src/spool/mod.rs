@@ -249,7 +249,7 @@ enum Command {
     Oldest(i64, usize, Reply<Vec<SpooledBatch>>),
     Delete(Vec<i64>, Reply<()>),
     RecordAttempt(i64, Reply<()>),
-    DropOldest(u64, Reply<Vec<(Signal, u64)>>),
+    DropOldest(u64, Vec<i64>, Reply<Vec<(Signal, u64)>>),
     Stats(Reply<SpoolStats>),
     Close(Reply<()>),
 }
@@ -346,8 +346,13 @@ impl Spool {
     /// Deletes the oldest rows until their payloads add up to at least
     /// `bytes_needed` (or the spool is empty), in one transaction. Returns the signal
     /// and item count of every dropped row, oldest first, for drop counters.
-    pub async fn drop_oldest(&self, bytes_needed: u64) -> Result<Vec<(Signal, u64)>, SpoolError> {
-        self.call(|reply| Command::DropOldest(bytes_needed, reply))
+    /// Rows whose id is in `keep` (being exported right now) are skipped.
+    pub async fn drop_oldest(
+        &self,
+        bytes_needed: u64,
+        keep: Vec<i64>,
+    ) -> Result<Vec<(Signal, u64)>, SpoolError> {
+        self.call(|reply| Command::DropOldest(bytes_needed, keep, reply))
             .await
     }
 
@@ -425,8 +430,8 @@ fn run_worker(mut store: Store, commands: mpsc::Receiver<Command>, stats: &Mutex
             Command::RecordAttempt(id, reply) => {
                 answer(reply, store.record_attempt(id), &store, stats)
             }
-            Command::DropOldest(bytes_needed, reply) => {
-                answer(reply, store.drop_oldest(bytes_needed), &store, stats)
+            Command::DropOldest(bytes_needed, keep, reply) => {
+                answer(reply, store.drop_oldest(bytes_needed, &keep), &store, stats)
             }
             Command::Stats(reply) => {
                 let result = store.refresh_stats().cloned();

@@ -332,6 +332,7 @@ impl Store {
     pub(super) fn drop_oldest(
         &mut self,
         bytes_needed: u64,
+        keep: &[i64],
     ) -> Result<Vec<(Signal, u64)>, SpoolError> {
         if bytes_needed == 0 {
             return Ok(Vec::new());
@@ -339,7 +340,7 @@ impl Store {
         let removed = self
             .transaction(|conn| {
                 let mut removed: Vec<Removed> = Vec::new();
-                let mut last_id = None;
+                let mut ids = Vec::new();
                 let mut freed = 0u64;
                 let mut stmt = conn.prepare_cached(
                     "SELECT id, signal, items, bytes, created_ms FROM batches ORDER BY id",
@@ -347,14 +348,21 @@ impl Store {
                 let mut rows = stmt.query([])?;
                 while freed < bytes_needed {
                     let Some(row) = rows.next()? else { break };
-                    last_id = Some(row.get::<_, i64>(0)?);
+                    let id: i64 = row.get(0)?;
+                    // Rows being exported right now are not evicted: their
+                    // fate is upstream's answer.
+                    if keep.contains(&id) {
+                        continue;
+                    }
+                    ids.push(id);
                     let bytes: i64 = row.get(3)?;
                     freed += bytes.unsigned_abs();
                     removed.push((row.get(1)?, row.get(2)?, bytes, row.get(4)?));
                 }
                 drop(rows);
-                if let Some(last_id) = last_id {
-                    conn.execute("DELETE FROM batches WHERE id <= ?1", [last_id])?;
+                let mut delete = conn.prepare_cached("DELETE FROM batches WHERE id = ?1")?;
+                for id in ids {
+                    delete.execute([id])?;
                 }
                 Ok(removed)
             })
