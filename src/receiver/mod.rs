@@ -6,6 +6,7 @@
 //! status right beside it ([`IngestError::to_http`]).
 
 pub mod grpc;
+pub mod http;
 pub mod otlp_json;
 
 use std::sync::Arc;
