@@ -525,6 +525,11 @@ mod tests {
         }
     }
 
+    /// The `test.id` attribute the integration tests read ids from.
+    fn id(n: i64) -> KeyValue {
+        kv("test.id", Some(V::IntValue(n)))
+    }
+
     fn s(text: &str) -> Option<V> {
         Some(V::StringValue(text.into()))
     }
@@ -551,63 +556,9 @@ mod tests {
 
     /// Every AnyValue form, both 64-bit integer forms, hex ids in either case,
     /// integer enums, nulls, unknown keys, empty arrays/kvlists.
-    pub(crate) const TRACES_JSON: &str = r#"{
-      "resourceSpans": [{
-        "resource": {
-          "attributes": [{"key": "service.name", "value": {"stringValue": "checkout"}}],
-          "droppedAttributesCount": 1
-        },
-        "scopeSpans": [{
-          "scope": {"name": "lib", "version": "1.2",
-                    "attributes": [{"key": "k", "value": {"boolValue": true}}]},
-          "spans": [{
-            "traceId": "5B8EFFF798038103D269B633813FC60C",
-            "spanId": "eee19b7ec3c1b174",
-            "parentSpanId": "EEE19B7EC3C1B173",
-            "traceState": "a=b",
-            "flags": 257,
-            "name": "GET /",
-            "kind": 2,
-            "startTimeUnixNano": "1544712660000000000",
-            "endTimeUnixNano": 1544712661000000000,
-            "attributes": [
-              {"key": "s", "value": {"stringValue": "x"}},
-              {"key": "i_str", "value": {"intValue": "-9223372036854775808"}},
-              {"key": "i_num", "value": {"intValue": 42}},
-              {"key": "d", "value": {"doubleValue": 1.5}},
-              {"key": "d_int", "value": {"doubleValue": 3}},
-              {"key": "b", "value": {"boolValue": false}},
-              {"key": "arr", "value": {"arrayValue": {"values": [
-                {"stringValue": "a"}, {"intValue": "7"}, {"arrayValue": {}}]}}},
-              {"key": "kv", "value": {"kvlistValue": {"values": [
-                {"key": "n", "value": {"doubleValue": -0.25}},
-                {"value": {"boolValue": true}}]}}},
-              {"key": "empty_kv", "value": {"kvlistValue": {}}},
-              {"key": "bytes", "value": {"bytesValue": "aGVsbG8="}},
-              {"key": "bytes_url", "value": {"bytesValue": "-_8"}},
-              {"key": "nothing", "value": {}},
-              {"key": "null_value", "value": null}
-            ],
-            "events": [{"timeUnixNano": "1544712660500000000", "name": "ev",
-                        "attributes": [{"key": "e", "value": {"intValue": 1}}]}],
-            "links": [{"traceId": "5b8efff798038103d269b633813fc60d",
-                       "spanId": "0000000000000001", "flags": 1}],
-            "status": {"code": 2, "message": "boom"},
-            "someFutureField": {"ignored": [1, 2, 3]}
-          }, {
-            "traceId": "5b8efff798038103d269b633813fc60c",
-            "spanId": "0102030405060708",
-            "name": null,
-            "parentSpanId": "",
-            "kind": 1,
-            "status": {}
-          }]
-        }],
-        "schemaUrl": "https://opentelemetry.io/schemas/1.21.0"
-      }]
-    }"#;
+    const TRACES_JSON: &str = include_str!("../../tests/data/otlp_json/traces.json");
 
-    pub(crate) fn traces_twin() -> ExportTraceServiceRequest {
+    fn traces_twin() -> ExportTraceServiceRequest {
         let first = Span {
             trace_id: hex("5b8efff798038103d269b633813fc60c"),
             span_id: hex("eee19b7ec3c1b174"),
@@ -619,6 +570,7 @@ mod tests {
             start_time_unix_nano: 1_544_712_660_000_000_000,
             end_time_unix_nano: 1_544_712_661_000_000_000,
             attributes: vec![
+                id(7_000_000_001),
                 kv("s", s("x")),
                 kv("i_str", Some(V::IntValue(i64::MIN))),
                 kv("i_num", Some(V::IntValue(42))),
@@ -680,6 +632,7 @@ mod tests {
             trace_id: hex("5b8efff798038103d269b633813fc60c"),
             span_id: hex("0102030405060708"),
             kind: span::SpanKind::Internal as i32,
+            attributes: vec![id(7_000_000_002)],
             status: Some(Status::default()),
             ..Default::default()
         };
@@ -707,43 +660,9 @@ mod tests {
 
     /// Two resources, every metric kind, 64-bit fields in both forms, a metric
     /// without data (its neighbours must keep their own data).
-    pub(crate) const METRICS_JSON: &str = r#"{
-      "resourceMetrics": [{
-        "scopeMetrics": [{
-          "scope": {"name": "m"},
-          "metrics": [
-            {"name": "g", "unit": "1", "gauge": {"dataPoints": [
-              {"timeUnixNano": "10", "asDouble": 0.5,
-               "attributes": [{"key": "a", "value": {"stringValue": "b"}}]},
-              {"timeUnixNano": 11, "asInt": "-3", "flags": 1,
-               "exemplars": [{"timeUnixNano": "9", "asInt": 4,
-                              "spanId": "0102030405060708",
-                              "traceId": "0102030405060708090a0b0c0d0e0f10",
-                              "filteredAttributes": [{"key": "f", "value": {"intValue": "5"}}]}]}
-            ]}},
-            {"name": "nodata", "description": "no data at all"},
-            {"name": "s", "sum": {"aggregationTemporality": 2, "isMonotonic": true,
-              "dataPoints": [{"startTimeUnixNano": "1", "timeUnixNano": "2", "asInt": 9007199254740993}]}}
-          ]
-        }]
-      }, {
-        "resource": {"attributes": [{"key": "host", "value": {"stringValue": "h"}}]},
-        "scopeMetrics": [{
-          "metrics": [
-            {"name": "h", "histogram": {"aggregationTemporality": 1, "dataPoints": [
-              {"count": "3", "sum": 6.5, "bucketCounts": ["1", 2], "explicitBounds": [1.0],
-               "min": 0.5, "max": 4, "timeUnixNano": "3"}]}},
-            {"name": "e", "exponentialHistogram": {"aggregationTemporality": 2, "dataPoints": [
-              {"count": 7, "scale": -1, "zeroCount": "0", "zeroThreshold": 0.001,
-               "positive": {"offset": -2, "bucketCounts": ["3", 4]}, "negative": {}}]}},
-            {"name": "q", "summary": {"dataPoints": [
-              {"count": "3", "sum": 4.5, "quantileValues": [{"quantile": 0.5, "value": 1}, {"value": 2}]}]}}
-          ]
-        }]
-      }]
-    }"#;
+    const METRICS_JSON: &str = include_str!("../../tests/data/otlp_json/metrics.json");
 
-    pub(crate) fn metrics_twin() -> ExportMetricsServiceRequest {
+    fn metrics_twin() -> ExportMetricsServiceRequest {
         let gauge = Metric {
             name: "g".into(),
             unit: "1".into(),
@@ -752,13 +671,14 @@ mod tests {
                     NumberDataPoint {
                         time_unix_nano: 10,
                         value: Some(number_data_point::Value::AsDouble(0.5)),
-                        attributes: vec![kv("a", s("b"))],
+                        attributes: vec![kv("a", s("b")), id(7_100_000_001)],
                         ..Default::default()
                     },
                     NumberDataPoint {
                         time_unix_nano: 11,
                         value: Some(number_data_point::Value::AsInt(-3)),
                         flags: 1,
+                        attributes: vec![id(7_100_000_002)],
                         exemplars: vec![Exemplar {
                             time_unix_nano: 9,
                             value: Some(exemplar::Value::AsInt(4)),
@@ -786,6 +706,7 @@ mod tests {
                     start_time_unix_nano: 1,
                     time_unix_nano: 2,
                     value: Some(number_data_point::Value::AsInt(9_007_199_254_740_993)),
+                    attributes: vec![id(7_100_000_003)],
                     ..Default::default()
                 }],
             })),
@@ -803,6 +724,7 @@ mod tests {
                     min: Some(0.5),
                     max: Some(4.0),
                     time_unix_nano: 3,
+                    attributes: vec![id(7_100_000_004)],
                     ..Default::default()
                 }],
             })),
@@ -822,6 +744,7 @@ mod tests {
                         bucket_counts: vec![3, 4],
                     }),
                     negative: Some(Buckets::default()),
+                    attributes: vec![id(7_100_000_005)],
                     ..Default::default()
                 }],
             })),
@@ -843,6 +766,7 @@ mod tests {
                             value: 2.0,
                         },
                     ],
+                    attributes: vec![id(7_100_000_006)],
                     ..Default::default()
                 }],
             })),
@@ -876,32 +800,9 @@ mod tests {
         }
     }
 
-    pub(crate) const LOGS_JSON: &str = r#"{
-      "resourceLogs": [{
-        "scopeLogs": [{
-          "logRecords": [{
-            "timeUnixNano": "1700000000000000000",
-            "observedTimeUnixNano": 1700000000000000001,
-            "severityNumber": 9,
-            "severityText": "INFO",
-            "body": {"kvlistValue": {"values": [
-              {"key": "msg", "value": {"stringValue": "hello"}},
-              {"key": "list", "value": {"arrayValue": {"values": [{"boolValue": true}, {"doubleValue": 2.5}]}}},
-              {"key": "raw", "value": {"bytesValue": "AAEC"}}]}},
-            "attributes": [{"key": "n", "value": {"intValue": "-1"}}],
-            "droppedAttributesCount": 2,
-            "flags": 1,
-            "traceId": "0102030405060708090a0b0c0d0e0f10",
-            "spanId": "1112131415161718",
-            "eventName": "app.start"
-          }, {
-            "body": {"stringValue": "plain"}
-          }]
-        }]
-      }]
-    }"#;
+    const LOGS_JSON: &str = include_str!("../../tests/data/otlp_json/logs.json");
 
-    pub(crate) fn logs_twin() -> ExportLogsServiceRequest {
+    fn logs_twin() -> ExportLogsServiceRequest {
         ExportLogsServiceRequest {
             resource_logs: vec![ResourceLogs {
                 scope_logs: vec![ScopeLogs {
@@ -932,7 +833,7 @@ mod tests {
                                     ],
                                 })),
                             }),
-                            attributes: vec![kv("n", Some(V::IntValue(-1)))],
+                            attributes: vec![kv("n", Some(V::IntValue(-1))), id(7_200_000_001)],
                             dropped_attributes_count: 2,
                             flags: 1,
                             trace_id: hex("0102030405060708090a0b0c0d0e0f10"),
@@ -941,6 +842,7 @@ mod tests {
                         },
                         LogRecord {
                             body: Some(AnyValue { value: s("plain") }),
+                            attributes: vec![id(7_200_000_002)],
                             ..Default::default()
                         },
                     ],
