@@ -70,7 +70,10 @@ impl Listeners {
                 true => Some(bind(r.grpc.listen, "OTLP/gRPC", "receiver.grpc.listen").await?),
                 false => None,
             },
-            http: None,
+            http: match r.http.enabled {
+                true => Some(bind(r.http.listen, "OTLP/HTTP", "receiver.http.listen").await?),
+                false => None,
+            },
             admin: match config.admin.enabled {
                 true => Some(bind(config.admin.listen, "admin", "admin.listen").await?),
                 false => None,
@@ -219,6 +222,11 @@ pub async fn run(
             .into_axum_router()
             .merge(receiver::grpc::router(agent.receiver.clone()));
         serve(&agent, "grpc server", listener, router);
+    }
+    if let Some(listener) = listeners.http {
+        let router =
+            receiver::http::router(agent.receiver.clone(), &agent.config.receiver.http.cors);
+        serve(&agent, "http server", listener, router);
     }
     if let Some(listener) = listeners.admin {
         // The admin listener stays up through shutdown so /readyz shows 503.

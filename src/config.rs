@@ -34,7 +34,7 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct ReceiverConfig {
     pub grpc: ListenerConfig,
-    pub http: ListenerConfig,
+    pub http: HttpListenerConfig,
     /// Largest accepted request body, after decompression.
     pub max_request_bytes: ByteSize,
 }
@@ -43,7 +43,7 @@ impl Default for ReceiverConfig {
     fn default() -> Self {
         ReceiverConfig {
             grpc: ListenerConfig::on("127.0.0.1:4317"),
-            http: ListenerConfig::on("127.0.0.1:4318"),
+            http: HttpListenerConfig::default(),
             max_request_bytes: ByteSize(4 << 20),
         }
     }
@@ -70,6 +70,43 @@ impl ListenerConfig {
 impl Default for ListenerConfig {
     fn default() -> Self {
         ListenerConfig::on("127.0.0.1:0")
+    }
+}
+
+/// The OTLP/HTTP listener: a [`ListenerConfig`] plus browser access. Every
+/// key has a default, so `[receiver.http.cors]` alone is a complete config.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpListenerConfig {
+    /// Address to bind; `enabled = false` turns the listener off.
+    pub listen: SocketAddr,
+    pub enabled: bool,
+    /// Cross-origin access for browser SDKs; off unless origins are listed.
+    pub cors: CorsConfig,
+}
+
+impl Default for HttpListenerConfig {
+    fn default() -> Self {
+        HttpListenerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4318)),
+            enabled: true,
+            cors: CorsConfig::default(),
+        }
+    }
+}
+
+/// CORS for the OTLP/HTTP listener (`[receiver.http.cors]`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Origins (`https://app.example.com`) allowed to send telemetry from a
+    /// browser; `"*"` allows any. Empty: no CORS headers, preflights refused.
+    pub allowed_origins: Vec<String>,
+}
+
+impl CorsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.allowed_origins.is_empty()
     }
 }
 
@@ -395,6 +432,19 @@ impl Config {
                 humantime::format_duration(self.shutdown.timeout)
             ));
         }
+        for origin in &self.receiver.http.cors.allowed_origins {
+            let rest = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"));
+            let ok = origin == "*" || rest.is_some_and(|r| !r.is_empty() && !r.contains('/'));
+            if !ok {
+                return bad(format!(
+                    "receiver.http.cors.allowed_origins: {origin:?} is not an origin; \
+                     write \"*\" or scheme://host[:port] with no path or trailing slash, \
+                     as browsers send it (\"https://app.example.com\")"
+                ));
+            }
+        }
         if self.spool.max_bytes.0 < 64 * 1024 {
             return bad("spool.max_bytes must be at least 64KiB".into());
         }
@@ -509,5 +559,48 @@ pub mod duration {
 
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+#[cfg(test)]
+mod cors_tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config = Config::from_toml(text, Path::new("test.toml"))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn packaged_config_parses_and_leaves_cors_off() {
+        let config = parse(include_str!("../packaging/telespool.toml")).expect("valid");
+        assert!(!config.receiver.http.cors.enabled());
+        assert_eq!(config.receiver.http, ReceiverConfig::default().http);
+    }
+
+    #[test]
+    fn cors_origins_are_read_and_checked() {
+        let config =
+            parse("[receiver.http.cors]\nallowed_origins = [\"https://app.example.com\", \"*\"]\n")
+                .expect("valid");
+        assert!(config.receiver.http.cors.enabled());
+        assert_eq!(
+            config.receiver.http.listen,
+            HttpListenerConfig::default().listen
+        );
+        for bad in ["https://app.example.com/", "app.example.com", "https://"] {
+            let text = format!("[receiver.http.cors]\nallowed_origins = [{bad:?}]\n");
+            let e = parse(&text).expect_err(bad).to_string();
+            assert!(e.contains("allowed_origins") && e.contains(bad), "{e}");
+        }
+        let e = parse("[receiver.http.cors]\norigins = []\n")
+            .expect_err("unknown key")
+            .to_string();
+        assert!(e.contains("unknown field `origins`"), "{e}");
+        let e = parse("[receiver.grpc.cors]\nallowed_origins = []\n")
+            .expect_err("no cors on grpc")
+            .to_string();
+        assert!(e.contains("unknown field `cors`"), "{e}");
     }
 }

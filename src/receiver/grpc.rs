@@ -112,7 +112,7 @@ async fn read_message(limit: u64, headers: &HeaderMap, body: Body) -> Result<Byt
     }
 }
 
-fn is_length_limit(e: &axum::Error) -> bool {
+pub(super) fn is_length_limit(e: &axum::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if err.is::<http_body_util::LengthLimitError>() {

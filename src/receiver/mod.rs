@@ -2,9 +2,12 @@
 //!
 //! Both protocols end in [`Receiver::accept`]: size check, the wire walk that
 //! validates and counts, then the pipeline. [`IngestError`] is mapped to a gRPC
-//! status in exactly one place ([`IngestError::to_status`]).
+//! status in exactly one place ([`IngestError::to_status`]) and to an HTTP
+//! status right beside it ([`IngestError::to_http`]).
 
 pub mod grpc;
+pub mod http;
+pub mod otlp_json;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +20,7 @@ use crate::metrics::{Metrics, Refusal};
 use crate::pipeline::{Pipeline, Refused};
 use crate::signal::Signal;
 use crate::wire::{self, WireError};
+use otlp_json::JsonError;
 
 /// Why a request was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +32,12 @@ pub enum IngestError {
     /// the client must send smaller requests.
     #[error("request of {size} bytes is larger than the limit of {limit} bytes (receiver.max_request_bytes); send smaller batches")]
     TooLarge { size: u64, limit: u64 },
+    /// An OTLP/JSON body that cannot be converted; the client must fix it.
+    #[error(transparent)]
+    InvalidJson(#[from] JsonError),
+    /// An OTLP/HTTP request whose Content-Type is neither protobuf nor JSON.
+    #[error("unsupported content type {0:?}: OTLP/HTTP takes application/x-protobuf or application/json")]
+    UnsupportedMediaType(String),
     /// The body is not a usable frame or compressed stream.
     #[error("{0}")]
     BadEncoding(String),
@@ -53,13 +63,36 @@ impl IngestError {
     pub fn to_status(&self) -> tonic::Status {
         let msg = self.to_string();
         match self {
-            IngestError::Malformed(_) | IngestError::BadEncoding(_) => {
-                tonic::Status::new(Code::InvalidArgument, msg)
-            }
+            IngestError::Malformed(_)
+            | IngestError::InvalidJson(_)
+            | IngestError::BadEncoding(_) => tonic::Status::new(Code::InvalidArgument, msg),
             IngestError::TooLarge { .. } => tonic::Status::new(Code::ResourceExhausted, msg),
-            IngestError::UnsupportedEncoding(_) => tonic::Status::new(Code::Unimplemented, msg),
+            IngestError::UnsupportedEncoding(_) | IngestError::UnsupportedMediaType(_) => {
+                tonic::Status::new(Code::Unimplemented, msg)
+            }
             IngestError::BufferFull { retry_after } => retryable(msg, *retry_after),
             IngestError::ShuttingDown => retryable(msg, SHUTDOWN_RETRY_AFTER),
+        }
+    }
+
+    /// The one mapping from ingest errors to OTLP/HTTP statuses. Retryable
+    /// refusals are 429 (buffer full) or 503 (shutting down), answered with a
+    /// `Retry-After` of [`IngestError::retry_after`]; the others are not
+    /// retryable: 400 malformed, 413 too large, 415 unsupported content type or
+    /// content encoding. The body (a `google.rpc.Status`) carries the message and
+    /// the gRPC code of [`IngestError::to_status`].
+    pub fn to_http(&self) -> ::http::StatusCode {
+        use ::http::StatusCode;
+        match self {
+            IngestError::Malformed(_)
+            | IngestError::InvalidJson(_)
+            | IngestError::BadEncoding(_) => StatusCode::BAD_REQUEST,
+            IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::UnsupportedEncoding(_) | IngestError::UnsupportedMediaType(_) => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
+            IngestError::BufferFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            IngestError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -75,6 +108,8 @@ impl IngestError {
     fn refusal(&self) -> Refusal {
         match self {
             IngestError::Malformed(_)
+            | IngestError::InvalidJson(_)
+            | IngestError::UnsupportedMediaType(_)
             | IngestError::BadEncoding(_)
             | IngestError::UnsupportedEncoding(_) => Refusal::Invalid,
             IngestError::TooLarge { .. } => Refusal::TooLarge,
@@ -126,17 +161,23 @@ impl Receiver {
         let result = self.accept_inner(signal, body).await;
         match &result {
             Ok(items) => self.metrics.accepted(signal, *items, bytes),
-            Err(e) => {
-                self.metrics.refused(signal, e.refusal(), 0, bytes);
-                match e {
-                    IngestError::BufferFull { .. } | IngestError::ShuttingDown => {
-                        tracing::debug!(%signal, error = %e, "request refused")
-                    }
-                    _ => tracing::info!(%signal, error = %e, "request refused"),
-                }
-            }
+            Err(e) => self.refused(signal, e, bytes),
         }
         result
+    }
+
+    /// Count and log a refusal. [`Receiver::accept`] does this itself; a
+    /// protocol handler calls it for requests it refuses before `accept`
+    /// (unsupported content type, body too large, undecodable), so every
+    /// refusal shows in the metrics.
+    pub fn refused(&self, signal: Signal, e: &IngestError, bytes: u64) {
+        self.metrics.refused(signal, e.refusal(), 0, bytes);
+        match e {
+            IngestError::BufferFull { .. } | IngestError::ShuttingDown => {
+                tracing::debug!(%signal, error = %e, "request refused")
+            }
+            _ => tracing::info!(%signal, error = %e, "request refused"),
+        }
     }
 
     async fn accept_inner(&self, signal: Signal, body: Bytes) -> Result<u64, IngestError> {

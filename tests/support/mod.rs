@@ -7,6 +7,7 @@
 //! - [`client`]: `send`, `send_raw` and the background [`client::Sender`].
 //! - [`sdk`]: emit through the real OpenTelemetry SDK exporters.
 //! - [`agent::AgentProcess`]: the real telespool binary as a child process.
+//! - [`http`]: a raw OTLP/HTTP client and the SDK's HTTP exporters.
 //!
 //! Rules: loopback only, port 0, no fixed sleeps for readiness (poll with a
 //! deadline), every loop bounded in count and time.
@@ -16,6 +17,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod http;
 pub mod ids;
 pub mod sdk;
 pub mod upstream;

@@ -1,0 +1,401 @@
+//! OTLP/HTTP helpers: a raw HTTP/1.1 client over loopback, and the
+//! OpenTelemetry SDK's HTTP exporters (protobuf or JSON, optionally gzip).
+//!
+//! The raw client writes the body while it reads the answer, so a server that
+//! answers early (413) does not deadlock it, and [`HeldRequest`] sends all but
+//! the last bytes of a request and waits to be told to finish (a request that
+//! is in flight across an agent's shutdown).
+//!
+//! The SDK helpers mirror [`super::sdk`] (same instruments, ids in `test.id`,
+//! flush and shut down on a blocking thread) with `.with_http()`; the
+//! exporters use the blocking reqwest client on the SDK's own threads.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use opentelemetry::logs::{LogRecord as _, Logger as _, LoggerProvider as _, Severity};
+use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry::trace::{Span as _, Tracer as _, TracerProvider as _};
+use opentelemetry::KeyValue;
+use opentelemetry_otlp::{Compression, Protocol, WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::logs::SdkLoggerProvider;
+use opentelemetry_sdk::metrics::{
+    Instrument, PeriodicReader, SdkMeterProvider, Stream, Temporality,
+};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::ids::ID_KEY;
+use super::Signal;
+
+/// How long one raw request may take, connect to last byte.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+
+/// An HTTP answer.
+#[derive(Clone, Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    /// Header names lower-cased, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpReply {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// The bytes of one HTTP/1.1 request (`Connection: close`, `Content-Length`).
+fn request_bytes(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Vec<u8> {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    let mut out = head.into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// Sends one request and reads the whole answer (the server closes).
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<HttpReply, String> {
+    let bytes = request_bytes(addr, method, path, headers, body);
+    let what = format!("{method} http://{addr}{path}");
+    let io = async {
+        let stream = TcpStream::connect(addr).await?;
+        exchange(stream, bytes).await
+    };
+    let raw = tokio::time::timeout(REQUEST_DEADLINE, io)
+        .await
+        .map_err(|_| format!("{what}: timed out"))?
+        .map_err(|e| format!("{what}: {e}"))?;
+    parse_reply(&raw).map_err(|e| format!("{what}: {e}"))
+}
+
+/// POST `body` to `path` with this content type (and optional encoding).
+pub async fn post(
+    addr: SocketAddr,
+    path: &str,
+    content_type: &str,
+    content_encoding: Option<&str>,
+    body: &[u8],
+) -> Result<HttpReply, String> {
+    let mut headers = vec![("Content-Type", content_type)];
+    if let Some(encoding) = content_encoding {
+        headers.push(("Content-Encoding", encoding));
+    }
+    request(addr, "POST", path, &headers, body).await
+}
+
+/// Write `bytes` while reading the answer to EOF; a write cut short by an
+/// early answer is not an error.
+async fn exchange(stream: TcpStream, bytes: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    let (mut reader, mut writer) = stream.into_split();
+    let write = async move {
+        let _ = writer.write_all(&bytes).await;
+        // Keep the write half open: shutting it down would end the request early.
+        writer
+    };
+    let read = async {
+        let mut raw = Vec::new();
+        reader.read_to_end(&mut raw).await.map(|_| raw)
+    };
+    let (_writer, raw) = tokio::join!(write, read);
+    raw
+}
+
+/// A request sent except for its last bytes, held open until [`HeldRequest::finish`].
+pub struct HeldRequest {
+    stream: TcpStream,
+    rest: Vec<u8>,
+}
+
+impl HeldRequest {
+    /// Connects and sends all of the request but the last `hold_back` body bytes.
+    pub async fn start(
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        hold_back: usize,
+    ) -> Result<HeldRequest, String> {
+        let mut bytes = request_bytes(addr, "POST", path, headers, body);
+        let split = bytes.len() - hold_back.min(body.len());
+        let rest = bytes.split_off(split);
+        let io = async {
+            let mut stream = TcpStream::connect(addr).await?;
+            stream.write_all(&bytes).await?;
+            Ok::<_, std::io::Error>(stream)
+        };
+        let stream = tokio::time::timeout(REQUEST_DEADLINE, io)
+            .await
+            .map_err(|_| format!("held POST {path}: timed out"))?
+            .map_err(|e| format!("held POST {path}: {e}"))?;
+        Ok(HeldRequest { stream, rest })
+    }
+
+    /// Sends the held bytes and reads the answer.
+    pub async fn finish(self) -> Result<HttpReply, String> {
+        let raw = tokio::time::timeout(REQUEST_DEADLINE, exchange(self.stream, self.rest))
+            .await
+            .map_err(|_| "held request: timed out".to_owned())?
+            .map_err(|e| format!("held request: {e}"))?;
+        parse_reply(&raw)
+    }
+}
+
+fn parse_reply(raw: &[u8]) -> Result<HttpReply, String> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("no complete head in {:?}", String::from_utf8_lossy(raw)))?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut body = raw[split + 4..].to_vec();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status line in {head:?}"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    if chunked {
+        body = dechunk(&body)?;
+    }
+    Ok(HttpReply {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut raw: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    // Bounded: every round consumes at least the size line.
+    while let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") {
+        let size_text = String::from_utf8_lossy(&raw[..eol]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|e| format!("bad chunk size {size_text:?}: {e}"))?;
+        raw = &raw[eol + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = raw
+            .get(..size)
+            .ok_or_else(|| "truncated chunk".to_owned())?;
+        out.extend_from_slice(chunk);
+        raw = raw.get(size + 2..).unwrap_or(&[]);
+    }
+    Err("chunked body without its last chunk".into())
+}
+
+/// How the SDK's HTTP exporter is configured.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpSdkOptions {
+    /// JSON (`http/json`) instead of protobuf (`http/protobuf`).
+    pub json: bool,
+    pub gzip: bool,
+}
+
+impl HttpSdkOptions {
+    fn protocol(&self) -> Protocol {
+        match self.json {
+            true => Protocol::HttpJson,
+            false => Protocol::HttpBinary,
+        }
+    }
+
+    fn compression(&self) -> Option<Compression> {
+        self.gzip.then_some(Compression::Gzip)
+    }
+}
+
+const SDK_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn resource() -> Resource {
+    Resource::builder()
+        .with_service_name("telespool-sdk-http-test")
+        .build()
+}
+
+fn sdk_err(what: &str, e: impl std::fmt::Display) -> String {
+    format!("OpenTelemetry SDK {what}: {e}")
+}
+
+/// Emits one item of `signal` per id through the SDK's HTTP exporter to the
+/// agent's OTLP/HTTP address; `Err` if an export failed (flush reports it).
+pub async fn emit_http(
+    signal: Signal,
+    addr: SocketAddr,
+    ids: &[u64],
+    options: HttpSdkOptions,
+) -> Result<(), String> {
+    let url = format!("http://{addr}{}", signal.http_path());
+    match signal {
+        Signal::Traces => emit_spans(&url, ids, options).await,
+        Signal::Metrics => emit_metrics(&url, ids, options).await,
+        Signal::Logs => emit_logs(&url, ids, options).await,
+    }
+}
+
+async fn flush_and_shutdown(
+    what: &'static str,
+    flush: impl FnOnce() -> Result<(), String> + Send + 'static,
+    shutdown: impl FnOnce() -> Result<(), String> + Send + 'static,
+) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || {
+        let flushed = flush();
+        let shut = shutdown();
+        flushed.map_err(|e| format!("{what} force_flush: {e}"))?;
+        shut.map_err(|e| format!("{what} shutdown: {e}"))
+    })
+    .await
+    .map_err(|e| format!("{what} flush thread: {e}"))?
+}
+
+async fn emit_spans(url: &str, ids: &[u64], options: HttpSdkOptions) -> Result<(), String> {
+    let mut builder = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(options.protocol())
+        .with_endpoint(url)
+        .with_timeout(SDK_TIMEOUT);
+    if let Some(c) = options.compression() {
+        builder = builder.with_compression(c);
+    }
+    let exporter = builder.build().map_err(|e| sdk_err("span exporter", e))?;
+    let config = opentelemetry_sdk::trace::BatchConfigBuilder::default()
+        .with_max_queue_size(ids.len().max(2048) + 16)
+        .with_max_export_batch_size(512)
+        .with_scheduled_delay(Duration::from_millis(100))
+        .build();
+    let processor = opentelemetry_sdk::trace::BatchSpanProcessor::builder(exporter)
+        .with_batch_config(config)
+        .build();
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .with_resource(resource())
+        .build();
+    let tracer = provider.tracer("telespool-http-test");
+    for &id in ids {
+        let mut span = tracer
+            .span_builder(format!("sdk-http-span-{id}"))
+            .with_attributes(vec![KeyValue::new(ID_KEY, id as i64)])
+            .start(&tracer);
+        span.end();
+    }
+    let (p1, p2) = (provider.clone(), provider);
+    flush_and_shutdown(
+        "tracer provider",
+        move || p1.force_flush().map_err(|e| e.to_string()),
+        move || p2.shutdown().map_err(|e| e.to_string()),
+    )
+    .await
+}
+
+async fn emit_logs(url: &str, ids: &[u64], options: HttpSdkOptions) -> Result<(), String> {
+    let mut builder = opentelemetry_otlp::LogExporter::builder()
+        .with_http()
+        .with_protocol(options.protocol())
+        .with_endpoint(url)
+        .with_timeout(SDK_TIMEOUT);
+    if let Some(c) = options.compression() {
+        builder = builder.with_compression(c);
+    }
+    let exporter = builder.build().map_err(|e| sdk_err("log exporter", e))?;
+    let config = opentelemetry_sdk::logs::BatchConfigBuilder::default()
+        .with_max_queue_size(ids.len().max(2048) + 16)
+        .with_max_export_batch_size(512)
+        .with_scheduled_delay(Duration::from_millis(100))
+        .build();
+    let processor = opentelemetry_sdk::logs::BatchLogProcessor::builder(exporter)
+        .with_batch_config(config)
+        .build();
+    let provider = SdkLoggerProvider::builder()
+        .with_log_processor(processor)
+        .with_resource(resource())
+        .build();
+    let logger = provider.logger("telespool-http-test");
+    for &id in ids {
+        let mut record = logger.create_log_record();
+        record.set_severity_number(Severity::Info);
+        record.set_severity_text("INFO");
+        record.set_body(format!("sdk http log {id}").into());
+        record.add_attribute(ID_KEY, id as i64);
+        logger.emit(record);
+    }
+    let (p1, p2) = (provider.clone(), provider);
+    flush_and_shutdown(
+        "logger provider",
+        move || p1.force_flush().map_err(|e| e.to_string()),
+        move || p2.shutdown().map_err(|e| e.to_string()),
+    )
+    .await
+}
+
+async fn emit_metrics(url: &str, ids: &[u64], options: HttpSdkOptions) -> Result<(), String> {
+    let mut builder = opentelemetry_otlp::MetricExporter::builder()
+        .with_http()
+        .with_protocol(options.protocol())
+        .with_endpoint(url)
+        .with_timeout(SDK_TIMEOUT)
+        .with_temporality(Temporality::Delta);
+    if let Some(c) = options.compression() {
+        builder = builder.with_compression(c);
+    }
+    let exporter = builder.build().map_err(|e| sdk_err("metric exporter", e))?;
+    // Only force_flush and shutdown collect: the interval never fires in a test.
+    let reader = PeriodicReader::builder(exporter)
+        .with_interval(Duration::from_secs(3600))
+        .build();
+    let limit = ids.len() + 16;
+    let provider = SdkMeterProvider::builder()
+        .with_reader(reader)
+        .with_resource(resource())
+        .with_view(move |i: &Instrument| {
+            (i.name() == "test.counter")
+                .then(|| Stream::builder().with_cardinality_limit(limit).build().ok())
+                .flatten()
+        })
+        .build();
+    let meter = provider.meter("telespool-http-test");
+    let counter = meter.u64_counter("test.counter").build();
+    for &id in ids {
+        counter.add(1, &[KeyValue::new(ID_KEY, id as i64)]);
+    }
+    let (p1, p2) = (provider.clone(), provider);
+    flush_and_shutdown(
+        "meter provider",
+        move || p1.force_flush().map_err(|e| e.to_string()),
+        move || p2.shutdown().map_err(|e| e.to_string()),
+    )
+    .await
+}
