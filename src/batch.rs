@@ -171,7 +171,7 @@ mod tests {
         let mut sealed = Vec::new();
         for &(len, items) in reqs {
             let r = budget
-                .reserve(len as u64, items, Duration::ZERO)
+                .reserve(Signal::Traces, len as u64, items, Duration::ZERO)
                 .await
                 .unwrap();
             b.offer(Bytes::from(vec![0u8; len]), items, r, now, &mut sealed);
@@ -201,7 +201,10 @@ mod tests {
         let mut b = Batcher::new(Signal::Metrics, limits(1000, 1000));
         let t0 = Instant::now();
         let budget = MemoryBudget::new(1000);
-        let r = budget.reserve(3, 1, Duration::ZERO).await.unwrap();
+        let r = budget
+            .reserve(Signal::Metrics, 3, 1, Duration::ZERO)
+            .await
+            .unwrap();
         let mut sealed = Vec::new();
         b.offer(Bytes::from_static(b"abc"), 1, r, t0, &mut sealed);
         assert!(sealed.is_empty());

@@ -13,13 +13,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::signal::Signal;
+
 /// Bytes of buffered request data, bounded by a semaphore holding one permit per byte.
 #[derive(Debug)]
 pub struct MemoryBudget {
     permits: Arc<Semaphore>,
     limit: u64,
-    /// Buffered items, for metrics only (bytes are the bound).
-    items: AtomicU64,
+    /// Buffered items per signal, for metrics and accounting (bytes are the bound).
+    items: [AtomicU64; 3],
     /// Estimate of how fast reservations are released, for the retry hint.
     drain: Mutex<DrainRate>,
 }
@@ -29,6 +31,7 @@ pub struct MemoryBudget {
 pub struct Reservation {
     permit: Option<OwnedSemaphorePermit>,
     items: u64,
+    signal: Signal,
     budget: Arc<MemoryBudget>,
 }
 
@@ -47,7 +50,7 @@ impl MemoryBudget {
         Arc::new(MemoryBudget {
             permits: Arc::new(Semaphore::new(limit as usize)),
             limit,
-            items: AtomicU64::new(0),
+            items: Default::default(),
             drain: Mutex::new(DrainRate::new(Instant::now())),
         })
     }
@@ -61,9 +64,14 @@ impl MemoryBudget {
         self.limit - self.permits.available_permits() as u64
     }
 
-    /// Items currently reserved.
+    /// Items currently reserved, all signals.
     pub fn items(&self) -> u64 {
-        self.items.load(Ordering::Relaxed)
+        Signal::ALL.iter().map(|s| self.items_of(*s)).sum()
+    }
+
+    /// Items of one signal currently reserved.
+    pub fn items_of(&self, signal: Signal) -> u64 {
+        self.items[signal.index()].load(Ordering::Relaxed)
     }
 
     /// Reserve `bytes` for `items`, waiting at most `max_wait` for room.
@@ -72,6 +80,7 @@ impl MemoryBudget {
     /// below the limit (config validation guarantees it).
     pub async fn reserve(
         self: &Arc<Self>,
+        signal: Signal,
         bytes: u64,
         items: u64,
         max_wait: Duration,
@@ -88,19 +97,21 @@ impl MemoryBudget {
                 }
             }
         };
-        self.items.fetch_add(items, Ordering::Relaxed);
+        self.items[signal.index()].fetch_add(items, Ordering::Relaxed);
         Ok(Reservation {
             permit: Some(permit),
             items,
+            signal,
             budget: self.clone(),
         })
     }
 
     /// A reservation of nothing, for batches that hold no buffer memory (replayed rows).
-    pub fn empty(self: &Arc<Self>) -> Reservation {
+    pub fn empty(self: &Arc<Self>, signal: Signal) -> Reservation {
         Reservation {
             permit: None,
             items: 0,
+            signal,
             budget: self.clone(),
         }
     }
@@ -112,8 +123,8 @@ impl MemoryBudget {
         }
     }
 
-    fn released(&self, bytes: u64, items: u64) {
-        self.items.fetch_sub(items, Ordering::Relaxed);
+    fn released(&self, signal: Signal, bytes: u64, items: u64) {
+        self.items[signal.index()].fetch_sub(items, Ordering::Relaxed);
         if let Ok(mut drain) = self.drain.lock() {
             drain.record(bytes, Instant::now());
         }
@@ -121,7 +132,8 @@ impl MemoryBudget {
 }
 
 impl Reservation {
-    /// Fold another reservation into this one (a batch holds one reservation).
+    /// Fold another reservation of the same signal into this one (a batch
+    /// holds one reservation).
     pub fn merge(&mut self, mut other: Reservation) {
         self.items += other.items;
         other.items = 0;
@@ -134,7 +146,7 @@ impl Reservation {
 
     /// An empty reservation against the same budget, to merge others into.
     pub fn budget_empty(&self) -> Reservation {
-        self.budget.empty()
+        self.budget.empty(self.signal)
     }
 
     pub fn bytes(&self) -> u64 {
@@ -148,7 +160,7 @@ impl Drop for Reservation {
         // Return the permits before recording, so `used()` is current for observers.
         drop(self.permit.take());
         if bytes > 0 || self.items > 0 {
-            self.budget.released(bytes, self.items);
+            self.budget.released(self.signal, bytes, self.items);
         }
     }
 }
@@ -216,9 +228,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn reservation_beyond_the_limit_waits_then_is_refused_with_a_hint() {
         let budget = MemoryBudget::new(100);
-        let held = budget.reserve(80, 1, Duration::ZERO).await.unwrap();
+        let held = budget
+            .reserve(Signal::Traces, 80, 1, Duration::ZERO)
+            .await
+            .unwrap();
         assert_eq!(budget.used(), 80);
-        let refused = budget.reserve(30, 1, Duration::from_millis(500)).await;
+        let refused = budget
+            .reserve(Signal::Traces, 30, 1, Duration::from_millis(500))
+            .await;
         assert!(refused.is_err());
         assert_eq!(budget.used(), 80);
         drop(held);
@@ -229,10 +246,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn waiting_request_gets_room_when_a_reservation_is_released() {
         let budget = MemoryBudget::new(100);
-        let held = budget.reserve(80, 1, Duration::ZERO).await.unwrap();
+        let held = budget
+            .reserve(Signal::Traces, 80, 1, Duration::ZERO)
+            .await
+            .unwrap();
         let waiter = {
             let budget = budget.clone();
-            tokio::spawn(async move { budget.reserve(50, 2, Duration::from_secs(1)).await })
+            tokio::spawn(async move {
+                budget
+                    .reserve(Signal::Traces, 50, 2, Duration::from_secs(1))
+                    .await
+            })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
         drop(held);
@@ -244,8 +268,14 @@ mod tests {
     #[tokio::test]
     async fn merged_reservations_release_everything_once() {
         let budget = MemoryBudget::new(100);
-        let mut a = budget.reserve(10, 1, Duration::ZERO).await.unwrap();
-        let b = budget.reserve(20, 2, Duration::ZERO).await.unwrap();
+        let mut a = budget
+            .reserve(Signal::Traces, 10, 1, Duration::ZERO)
+            .await
+            .unwrap();
+        let b = budget
+            .reserve(Signal::Traces, 20, 2, Duration::ZERO)
+            .await
+            .unwrap();
         a.merge(b);
         assert_eq!(a.bytes(), 30);
         assert_eq!(budget.items(), 3);

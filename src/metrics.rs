@@ -102,7 +102,7 @@ pub struct Metrics {
     pub dropped_items: Family<SignalAnd, Counter>,
     pub spooled_at_start: Family<SignalLabel, Gauge>,
     pub buffered_bytes: Gauge,
-    pub buffered_items: Gauge,
+    pub buffered_items: Family<SignalLabel, Gauge>,
     pub spool_rows: Gauge,
     pub spool_bytes: Gauge,
     pub spool_items: Family<SignalLabel, Gauge>,
@@ -134,7 +134,7 @@ impl Metrics {
             dropped_items: Family::default(),
             spooled_at_start: Family::default(),
             buffered_bytes: Gauge::default(),
-            buffered_items: Gauge::default(),
+            buffered_items: Family::default(),
             spool_rows: Gauge::default(),
             spool_bytes: Gauge::default(),
             spool_items: Family::default(),
@@ -210,7 +210,7 @@ impl Metrics {
         );
         r.register(
             "buffered_items",
-            "Items held in memory",
+            "Items held in memory, by signal",
             m.buffered_items.clone(),
         );
         r.register("spool_rows", "Batches in the spool", m.spool_rows.clone());

@@ -141,7 +141,7 @@ impl Pipeline {
         }
         let reservation = self
             .budget
-            .reserve(body.len() as u64, items, self.max_wait)
+            .reserve(signal, body.len() as u64, items, self.max_wait)
             .await
             .map_err(|no| Refused::BufferFull {
                 retry_after: no.retry_after,
@@ -589,7 +589,7 @@ impl Pipeline {
             created_ms: row.created_ms,
             attempts: row.attempts,
             origin: Origin::Spool { id: row.id },
-            reservation: self.budget.empty(),
+            reservation: self.budget.empty(row.signal),
         }
     }
 
@@ -621,7 +621,11 @@ impl Pipeline {
     pub fn refresh_gauges(&self) {
         let m = &self.metrics;
         m.buffered_bytes.set(self.budget.used() as i64);
-        m.buffered_items.set(self.budget.items() as i64);
+        for s in Signal::ALL {
+            m.buffered_items
+                .get_or_create(&[("signal", s.as_str())])
+                .set(self.budget.items_of(s) as i64);
+        }
         let stats = self.spool.stats_cached();
         m.spool_rows.set(stats.rows as i64);
         m.spool_bytes.set(stats.bytes as i64);

@@ -173,7 +173,7 @@ async fn drop_oldest_drops_exactly_acknowledged_minus_delivered() {
     upstream.restart().await;
     // Quiet: nothing buffered, nothing spooled.
     ok(eventually("buffer and spool empty", DEADLINE, || async {
-        let buffered = metric(&agent, "telespool_buffered_items").await;
+        let buffered = metric(&agent, "telespool_buffered_items{signal=\"traces\"}").await;
         let rows = metric(&agent, "telespool_spool_rows").await;
         (buffered == 0.0 && rows == 0.0).then_some(())
     })
