@@ -370,7 +370,7 @@ fn normalize_base64(value: &mut Value) -> Result<(), String> {
             standard.len()
         ));
     }
-    while standard.len() % 4 != 0 {
+    while !standard.len().is_multiple_of(4) {
         standard.push('=');
     }
     *text = standard;
