@@ -324,7 +324,16 @@ fn start_pipeline_tasks(agent: &Agent) {
             p.clone().run_export_worker(agent.tokens.force.clone()),
         );
     }
-    let replay_workers = (agent.config.upstream.concurrency / 2).max(1);
+    // Durable mode sends everything through the spool: replay is the export path.
+    let replay_workers = match p.is_durable() {
+        true => agent.config.upstream.concurrency,
+        false => (agent.config.upstream.concurrency / 2).max(1),
+    };
+    panics.spawn(
+        &agent.exporters,
+        "durable writer",
+        p.clone().run_durable_writer(),
+    );
     for _ in 0..replay_workers {
         panics.spawn(
             &agent.exporters,

@@ -221,6 +221,17 @@ pub struct SpoolConfig {
     /// Bound on the spool file (enforced by SQLite's `max_page_count`).
     pub max_bytes: ByteSize,
     pub when_full: WhenFull,
+    /// SQLite `synchronous`: "normal" survives a process kill, "full" also a
+    /// power loss (an fsync per commit).
+    pub synchronous: SyncMode,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    #[default]
+    Normal,
+    Full,
 }
 
 impl Default for SpoolConfig {
@@ -229,6 +240,7 @@ impl Default for SpoolConfig {
             path: None,
             max_bytes: ByteSize(1 << 30),
             when_full: WhenFull::Backpressure,
+            synchronous: SyncMode::Normal,
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod buffer;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod durable;
 pub mod exporter;
 pub mod metrics;
 pub mod pipeline;

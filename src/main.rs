@@ -8,7 +8,7 @@ use clap::Parser;
 use telespool::app::{self, Listeners, ShutdownTokens};
 use telespool::cli::{Cli, Command, SpoolCommand};
 use telespool::commands;
-use telespool::config::{Config, LogFormat};
+use telespool::config::{Config, LogFormat, SyncMode};
 use telespool::spool::{Spool, SpoolOptions, Synchronous};
 
 fn main() -> ExitCode {
@@ -109,7 +109,10 @@ fn run(config: Config, drain: Option<std::time::Duration>) -> ExitCode {
     let spool_path = config.spool.resolved_path();
     let options = SpoolOptions {
         max_bytes: config.spool.max_bytes.0,
-        synchronous: Synchronous::Normal,
+        synchronous: match config.spool.synchronous {
+            SyncMode::Normal => Synchronous::Normal,
+            SyncMode::Full => Synchronous::Full,
+        },
     };
     let (spool, opened) = match Spool::open(&spool_path, options) {
         Ok(opened) => opened,

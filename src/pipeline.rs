@@ -19,12 +19,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{Batch, Batcher, Limits, Origin};
 use crate::buffer::MemoryBudget;
-use crate::config::{Config, RetryConfig, WhenFull};
+use crate::config::{Config, Durability, RetryConfig, WhenFull};
+use crate::durable::Pending;
 use crate::exporter::Upstream;
 use crate::metrics::{DropReason, Metrics};
 use crate::queue::ExportQueue;
@@ -39,6 +40,8 @@ pub enum Refused {
     BufferFull { retry_after: Duration },
     /// Shutdown has begun.
     ShuttingDown,
+    /// Durable mode: the spool could not take the request.
+    SpoolFull { retry_after: Duration },
 }
 
 /// The fraction of the memory budget above which, with upstream failing, the
@@ -66,6 +69,11 @@ pub struct Pipeline {
     claim_or_evict: tokio::sync::Mutex<()>,
     /// Wakes replay workers when rows were added to the spool.
     replay_wake: Notify,
+    /// Durable mode: requests go to the group-commit writer instead of the
+    /// batchers. `None` in memory mode, and once shutdown closed the pipeline.
+    durable: Mutex<Option<mpsc::Sender<Pending>>>,
+    durable_rx: Mutex<Option<mpsc::Receiver<Pending>>>,
+    max_row_bytes: u64,
 }
 
 struct Lane {
@@ -99,7 +107,17 @@ impl Pipeline {
                 open: true,
             })
         };
+        let (durable, durable_rx) = match config.durability {
+            Durability::Spool => {
+                let (tx, rx) = mpsc::channel(4096);
+                (Some(tx), Some(rx))
+            }
+            Durability::Memory => (None, None),
+        };
         Arc::new(Pipeline {
+            durable: Mutex::new(durable),
+            durable_rx: Mutex::new(durable_rx),
+            max_row_bytes: config.batch.max_bytes.0,
             budget: MemoryBudget::new(config.buffer.max_bytes.0),
             max_wait: config.buffer.max_wait,
             retry: config.upstream.retry.clone(),
@@ -146,6 +164,10 @@ impl Pipeline {
             .map_err(|no| Refused::BufferFull {
                 retry_after: no.retry_after,
             })?;
+        let durable = self.durable.lock().ok().and_then(|d| d.clone());
+        if let Some(writer) = durable {
+            return self.commit(writer, signal, body, items, reservation).await;
+        }
         let mut sealed = Vec::new();
         let opened = {
             let Ok(mut lane) = self.lanes[signal.index()].lock() else {
@@ -166,6 +188,62 @@ impl Pipeline {
             self.timer.notify_one();
         }
         Ok(())
+    }
+
+    /// Durable mode: hand the request to the group-commit writer and wait for
+    /// its transaction.
+    async fn commit(
+        &self,
+        writer: mpsc::Sender<Pending>,
+        signal: Signal,
+        body: Bytes,
+        items: u64,
+        reservation: crate::buffer::Reservation,
+    ) -> Result<(), Refused> {
+        let (done, answer) = oneshot::channel();
+        let pending = Pending {
+            signal,
+            body,
+            items,
+            created_ms: crate::batch::unix_ms(std::time::SystemTime::now()),
+            reservation,
+            done,
+        };
+        writer
+            .send(pending)
+            .await
+            .map_err(|_| Refused::ShuttingDown)?;
+        match answer.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "durable commit refused");
+                Err(Refused::SpoolFull {
+                    retry_after: Duration::from_secs(5),
+                })
+            }
+            Err(_) => Err(Refused::ShuttingDown),
+        }
+    }
+
+    /// Durable mode: the group-commit writer; ends once shutdown closed the
+    /// pipeline and every waiting request is committed.
+    pub async fn run_durable_writer(self: Arc<Self>) {
+        let Some(rx) = self.durable_rx.lock().ok().and_then(|mut r| r.take()) else {
+            return;
+        };
+        let me = self.clone();
+        crate::durable::run_writer(
+            self.spool.clone(),
+            rx,
+            self.metrics.clone(),
+            self.max_row_bytes,
+            move || me.replay_wake.notify_waiters(),
+        )
+        .await;
+    }
+
+    pub fn is_durable(&self) -> bool {
+        self.durable.lock().map(|d| d.is_some()).unwrap_or(false)
     }
 
     /// Seal open batches when they reach `batch.timeout`. Ends at `stop`;
@@ -207,6 +285,10 @@ impl Pipeline {
     /// it is empty.
     pub fn close(&self) {
         self.stop_accepting();
+        // Durable mode: the writer commits what waits, then ends.
+        if let Ok(mut d) = self.durable.lock() {
+            d.take();
+        }
         for lane in &self.lanes {
             let sealed = lane.lock().ok().and_then(|mut l| {
                 l.open = false;

@@ -50,6 +50,9 @@ pub enum IngestError {
     /// Shutdown has begun; retry (against the restarted agent).
     #[error("telespool is shutting down; retry shortly")]
     ShuttingDown,
+    /// Durable mode: the spool has no room (or cannot be written); retry later.
+    #[error("telespool spool is full; retry after {retry_after:?}")]
+    SpoolFull { retry_after: Duration },
 }
 
 /// Delay suggested to clients refused during shutdown: about one restart.
@@ -70,7 +73,9 @@ impl IngestError {
             IngestError::UnsupportedEncoding(_) | IngestError::UnsupportedMediaType(_) => {
                 tonic::Status::new(Code::Unimplemented, msg)
             }
-            IngestError::BufferFull { retry_after } => retryable(msg, *retry_after),
+            IngestError::BufferFull { retry_after } | IngestError::SpoolFull { retry_after } => {
+                retryable(msg, *retry_after)
+            }
             IngestError::ShuttingDown => retryable(msg, SHUTDOWN_RETRY_AFTER),
         }
     }
@@ -92,14 +97,18 @@ impl IngestError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
             IngestError::BufferFull { .. } => StatusCode::TOO_MANY_REQUESTS,
-            IngestError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::ShuttingDown | IngestError::SpoolFull { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
     /// When a retryable refusal suggests retrying.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            IngestError::BufferFull { retry_after } => Some(*retry_after),
+            IngestError::BufferFull { retry_after } | IngestError::SpoolFull { retry_after } => {
+                Some(*retry_after)
+            }
             IngestError::ShuttingDown => Some(SHUTDOWN_RETRY_AFTER),
             _ => None,
         }
@@ -115,6 +124,7 @@ impl IngestError {
             IngestError::TooLarge { .. } => Refusal::TooLarge,
             IngestError::BufferFull { .. } => Refusal::BufferFull,
             IngestError::ShuttingDown => Refusal::ShuttingDown,
+            IngestError::SpoolFull { .. } => Refusal::SpoolFull,
         }
     }
 }
@@ -199,6 +209,7 @@ impl Receiver {
             .map_err(|r| match r {
                 Refused::BufferFull { retry_after } => IngestError::BufferFull { retry_after },
                 Refused::ShuttingDown => IngestError::ShuttingDown,
+                Refused::SpoolFull { retry_after } => IngestError::SpoolFull { retry_after },
             })?;
         Ok(counts.items)
     }
