@@ -558,14 +558,13 @@ fn print_row(row: &Row, spec: &LoadSpec, bodies: &Bodies) {
         ms(t.p99),
         t.errors
     );
-    let _ = writeln!(
-        s,
-        "              CPU {} core-s per million items, peak RSS {:.1} MiB",
-        t.cpu_per_m
-            .map(|c| format!("{c:.3}"))
-            .unwrap_or_else(|| "n/a".into()),
-        t.peak_rss.unwrap_or(0) as f64 / MIB
-    );
+    if let (Some(cpu), Some(rss)) = (t.cpu_per_m, t.peak_rss) {
+        let _ = writeln!(
+            s,
+            "              CPU {cpu:.3} core-s per million items, peak RSS {:.1} MiB",
+            rss as f64 / MIB
+        );
+    }
     let _ = writeln!(s, "              {}", t.delivered.text(t.acked));
     if let Some(summary) = &t.summary {
         let _ = writeln!(s, "              agent: {summary}");
