@@ -1,0 +1,985 @@
+//! End-to-end load bench: the release binary of telespool as a separate
+//! process between a load generator and a counting sink, against a baseline
+//! of the same load sent straight to the same sink, in the same run.
+//!
+//! ```text
+//! cargo build --release && cargo bench --bench e2e                  # all scenarios, a few minutes
+//! cargo bench --bench e2e -- --quick                               # ~30 s smoke run
+//! cargo bench --bench e2e -- --scenario typical --runs 3           # medians of three runs
+//! cargo bench --bench e2e -- --scenario typical --items 500 --concurrency 16
+//! cargo bench --bench e2e -- --help
+//! ```
+//!
+//! Without `--bench` (as `cargo test --all-targets` runs bench targets) it
+//! exits at once. It never builds telespool: it runs `target/release/telespool`
+//! and says so if that is missing or older than the sources.
+//!
+//! Per scenario it prints items/s and MB/s (acknowledged items over the time
+//! from the first call until the sink holds them all), telespool's CPU-seconds
+//! per million items (utime+stime from /proc/PID/stat, before the load and
+//! after delivery), its peak RSS (VmHWM), client-side p50/p99 Export latency,
+//! acknowledged vs delivered ids (after a SIGTERM drain), and telespool's
+//! figures as ratios to the baseline. Loopback only; every load is bounded by
+//! a request count and a duration.
+//!
+//! Not covered yet: OTLP/HTTP load (gRPC only).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+#[path = "e2e/load.rs"]
+mod load;
+#[path = "e2e/procfs.rs"]
+mod procfs;
+#[path = "e2e/sink.rs"]
+mod sink;
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sys::signal::Signal as UnixSignal;
+
+use load::{Bodies, LoadReport, LoadSpec};
+use sink::LeanSink;
+use support::{AgentProcess, Mode, Signal, Upstream};
+
+const MIB: f64 = 1024.0 * 1024.0;
+/// How long to wait for the sink to hold every acknowledged item.
+const DELIVERY_DEADLINE: Duration = Duration::from_secs(60);
+/// How long telespool may take to exit after SIGTERM (its own hard
+/// deadline, `shutdown.timeout`, is 20 s by default).
+const EXIT_DEADLINE: Duration = Duration::from_secs(30);
+/// The overload scenario's buffer bound and the allowance on top of it.
+const OVERLOAD_BUFFER: u64 = 64 << 20;
+const RSS_ALLOWANCE: u64 = 32 << 20;
+
+const USAGE: &str = "\
+usage: cargo bench --bench e2e -- [options]
+
+  --quick              short runs (~30 s in all)
+  --scenario NAME      run only NAME (repeatable, or comma-separated)
+  --runs N             run each scenario N times and report medians (default 1)
+  --list               list the scenarios and exit
+  --bin PATH           telespool binary (default target/release/telespool)
+  --sink lean|upstream sink for the throughput scenarios (default lean)
+  load overrides for the throughput scenarios:
+  --signal traces|metrics|logs  --concurrency N  --items N  --payload BYTES
+  --requests N         request count cap
+  --duration SECS      duration cap
+  --rate REQ_PER_S     rate cap over all clients";
+
+const SCENARIOS: &[(&str, &str)] = &[
+    (
+        "sink",
+        "calibration: typical load straight to the lean sink and to the harness Upstream",
+    ),
+    ("small", "traces, 10 spans/request, no extra attribute"),
+    ("typical", "traces, 100 spans/request, 200-byte attribute"),
+    ("large", "traces, 1000 spans/request, no extra attribute"),
+    ("metrics", "metrics, 100 points/request, 200-byte attribute"),
+    ("logs", "logs, 100 records/request, 200-byte attribute"),
+    (
+        "typical-nogzip",
+        "typical, with upstream.compression = \"none\"",
+    ),
+    (
+        "outage",
+        "typical at a capped rate; the sink is down for a stretch, then back",
+    ),
+    (
+        "overload",
+        "32 clients of 1000-span requests into a stalled sink; buffer.max_bytes = 64MiB",
+    ),
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SinkKind {
+    Lean,
+    Upstream,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Overrides {
+    signal: Option<Signal>,
+    concurrency: Option<usize>,
+    items: Option<usize>,
+    payload: Option<usize>,
+    requests: Option<usize>,
+    duration: Option<Duration>,
+    rate: Option<f64>,
+}
+
+#[derive(Clone, Debug)]
+struct Options {
+    quick: bool,
+    scenarios: Vec<String>,
+    runs: usize,
+    bin: PathBuf,
+    sink: SinkKind,
+    overrides: Overrides,
+}
+
+fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
+    let mut o = Options {
+        quick: false,
+        scenarios: Vec::new(),
+        runs: 1,
+        bin: default_bin(),
+        sink: SinkKind::Lean,
+        overrides: Overrides::default(),
+    };
+    let mut it = args.iter();
+    fn value<'a>(it: &mut impl Iterator<Item = &'a String>, flag: &str) -> Result<&'a str, String> {
+        it.next()
+            .map(String::as_str)
+            .ok_or_else(|| format!("{flag} needs a value"))
+    }
+    fn num<T: std::str::FromStr>(v: &str, flag: &str) -> Result<T, String> {
+        v.parse()
+            .map_err(|_| format!("{flag}: {v:?} is not a valid number"))
+    }
+    while let Some(arg) = it.next() {
+        let a = arg.as_str();
+        match a {
+            "--bench" => {}
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            "--list" => {
+                for (name, what) in SCENARIOS {
+                    println!("{name:16} {what}");
+                }
+                return Ok(None);
+            }
+            "--quick" => o.quick = true,
+            "--scenario" => o
+                .scenarios
+                .extend(value(&mut it, a)?.split(',').map(str::to_owned)),
+            "--runs" => o.runs = num::<usize>(value(&mut it, a)?, a)?.max(1),
+            "--bin" => o.bin = PathBuf::from(value(&mut it, a)?),
+            "--sink" => {
+                o.sink = match value(&mut it, a)? {
+                    "lean" => SinkKind::Lean,
+                    "upstream" => SinkKind::Upstream,
+                    v => return Err(format!("--sink: {v:?} is not `lean` or `upstream`")),
+                }
+            }
+            "--signal" => {
+                let v = value(&mut it, a)?;
+                o.overrides.signal = Some(
+                    v.parse()
+                        .map_err(|_| format!("--signal: {v:?} is not traces, metrics or logs"))?,
+                )
+            }
+            "--concurrency" => o.overrides.concurrency = Some(num(value(&mut it, a)?, a)?),
+            "--items" => o.overrides.items = Some(num(value(&mut it, a)?, a)?),
+            "--payload" => o.overrides.payload = Some(num(value(&mut it, a)?, a)?),
+            "--requests" => o.overrides.requests = Some(num(value(&mut it, a)?, a)?),
+            "--duration" => {
+                o.overrides.duration = Some(Duration::from_secs_f64(num(value(&mut it, a)?, a)?))
+            }
+            "--rate" => o.overrides.rate = Some(num(value(&mut it, a)?, a)?),
+            other => return Err(format!("unknown option {other:?}\n{USAGE}")),
+        }
+    }
+    for name in &o.scenarios {
+        if !SCENARIOS.iter().any(|(n, _)| n == name) {
+            let names: Vec<&str> = SCENARIOS.iter().map(|(n, _)| *n).collect();
+            return Err(format!(
+                "unknown scenario {name:?}; known: {}",
+                names.join(", ")
+            ));
+        }
+    }
+    Ok(Some(o))
+}
+
+fn default_bin() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("release").join("telespool")
+}
+
+/// Newest modification time of the files under `dir` (recursively).
+fn newest_mtime(dir: &Path) -> Option<SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let t = if path.is_dir() {
+            newest_mtime(&path)
+        } else {
+            entry.metadata().and_then(|m| m.modified()).ok()
+        };
+        newest = newest.max(t);
+    }
+    newest
+}
+
+fn check_binary(bin: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(bin).map_err(|e| {
+        format!(
+            "the e2e bench runs the release binary {} but cannot use it ({e}).\n\
+             Build it first: cargo build --release && cargo bench --bench e2e",
+            bin.display()
+        )
+    })?;
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sources = newest_mtime(&manifest.join("src"));
+    if let (Ok(built), Some(src)) = (meta.modified(), sources) {
+        if src > built {
+            eprintln!(
+                "warning: {} is older than the newest file in src/; \
+                 run `cargo build --release` to measure the current code",
+                bin.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo test --all-targets` runs harness = false benches without --bench.
+    if !args.iter().any(|a| a == "--bench") {
+        return ExitCode::SUCCESS;
+    }
+    let options = match parse_args(&args) {
+        Ok(Some(o)) => o,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("e2e: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = check_binary(&options.bin) {
+        eprintln!("e2e: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("e2e")
+        .build()
+        .expect("build tokio runtime");
+    match runtime.block_on(run_all(&options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("e2e: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Figures of one load run (baseline or through telespool).
+#[derive(Clone, Debug, Default)]
+struct Figures {
+    items_s: f64,
+    mb_s: f64,
+    p50: Duration,
+    p99: Duration,
+    acked: u64,
+    delivered: Delivery,
+    errors: String,
+    /// Telespool only.
+    cpu_per_m: Option<f64>,
+    peak_rss: Option<u64>,
+    summary: Option<String>,
+}
+
+/// Acknowledged ids compared with the ids the sink received.
+#[derive(Clone, Debug, Default)]
+struct Delivery {
+    /// Distinct acknowledged ids the sink received.
+    unique: u64,
+    /// Items received more than once.
+    duplicates: u64,
+    /// Acknowledged ids the sink never received (lost).
+    missing: u64,
+    /// Ids received that were not acknowledged (refused or cut calls whose
+    /// data still went through: allowed, at-least-once).
+    unacked: u64,
+}
+
+impl Delivery {
+    fn compare(bodies: &Bodies, acked: &[usize], received: &[u64]) -> Delivery {
+        let total = bodies.bodies.len() * bodies.items;
+        let mut seen = vec![0u32; total];
+        let mut d = Delivery::default();
+        for &id in received {
+            match id
+                .checked_sub(bodies.first_id)
+                .filter(|&i| (i as usize) < total)
+            {
+                Some(i) => seen[i as usize] += 1,
+                None => d.unacked += 1,
+            }
+        }
+        let mut is_acked = vec![false; total];
+        for &j in acked {
+            for id in bodies.ids_of(j) {
+                is_acked[(id - bodies.first_id) as usize] = true;
+            }
+        }
+        for (i, &n) in seen.iter().enumerate() {
+            d.duplicates += n.saturating_sub(1) as u64;
+            match (is_acked[i], n > 0) {
+                (true, true) => d.unique += 1,
+                (true, false) => d.missing += 1,
+                (false, true) => d.unacked += 1,
+                (false, false) => {}
+            }
+        }
+        d
+    }
+
+    fn text(&self, acked: u64) -> String {
+        let verdict = if self.missing == 0 { "OK" } else { "LOST DATA" };
+        format!(
+            "acked {acked}, delivered {} ({} missing, {} duplicates, {} unacked extra): {verdict}",
+            self.unique, self.missing, self.duplicates, self.unacked
+        )
+    }
+}
+
+/// A sink the bench can point load at.
+enum Sink {
+    Lean(LeanSink),
+    Full(Upstream),
+}
+
+impl Sink {
+    async fn start(kind: SinkKind) -> Sink {
+        match kind {
+            SinkKind::Lean => Sink::Lean(LeanSink::start().await),
+            SinkKind::Upstream => Sink::Full(Upstream::start().await),
+        }
+    }
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Sink::Lean(s) => s.addr(),
+            Sink::Full(u) => u.addr(),
+        }
+    }
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+    fn items(&self, signal: Signal) -> u64 {
+        match self {
+            Sink::Lean(s) => s.items(),
+            Sink::Full(u) => u.accepted_sizes(signal).iter().sum::<usize>() as u64,
+        }
+    }
+    fn ids(&self, signal: Signal) -> Vec<u64> {
+        match self {
+            Sink::Lean(s) => s.ids(signal),
+            Sink::Full(u) => u.received_ids(signal),
+        }
+    }
+    fn clear(&self) {
+        match self {
+            Sink::Lean(s) => s.clear(),
+            Sink::Full(u) => u.clear(),
+        }
+    }
+}
+
+/// Waits until the sink holds at least `n` items; the instant it did, or
+/// `None` after the deadline.
+async fn wait_delivered(sink: &Sink, signal: Signal, n: u64) -> Option<Instant> {
+    let started = Instant::now();
+    loop {
+        if sink.items(signal) >= n {
+            return Some(Instant::now());
+        }
+        if started.elapsed() >= DELIVERY_DEADLINE {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn rates(report: &LoadReport, started: Instant, delivered_at: Option<Instant>) -> (f64, f64) {
+    let end = delivered_at.unwrap_or_else(Instant::now);
+    let secs = end.duration_since(started).as_secs_f64().max(1e-9);
+    (
+        report.acked_items as f64 / secs,
+        report.acked_bytes as f64 / MIB / secs,
+    )
+}
+
+/// Sends the load straight to the sink.
+async fn baseline(sink: &Sink, spec: &LoadSpec, bodies: &Arc<Bodies>) -> Figures {
+    sink.clear();
+    let started = Instant::now();
+    let report = load::run(sink.addr(), spec, bodies.clone()).await;
+    let delivered_at = wait_delivered(sink, spec.signal, report.acked_items).await;
+    let (items_s, mb_s) = rates(&report, started, delivered_at);
+    Figures {
+        items_s,
+        mb_s,
+        p50: report.latency(0.5),
+        p99: report.latency(0.99),
+        acked: report.acked_items,
+        delivered: Delivery::compare(bodies, &report.acked, &sink.ids(spec.signal)),
+        errors: report.errors_text(),
+        ..Figures::default()
+    }
+}
+
+fn agent_config(compression: &str, extra: &str) -> String {
+    format!("[upstream]\ncompression = \"{compression}\"\n{extra}")
+}
+
+async fn start_agent(bin: &Path, sink: &Sink, config: &str) -> Result<AgentProcess, String> {
+    AgentProcess::builder()
+        .program(bin, &[])
+        .upstream(&sink.endpoint())
+        .config_toml(config)
+        .start()
+        .await
+}
+
+/// SIGTERM, wait for the exit, return the `shutdown complete` line.
+async fn stop_agent(agent: &mut AgentProcess) -> String {
+    agent.signal(UnixSignal::SIGTERM);
+    let status = agent.wait_exit(EXIT_DEADLINE).await;
+    let line = agent
+        .summary_line()
+        .unwrap_or_else(|| "(no `shutdown complete` line)".into());
+    match status {
+        Some(s) if s.success() => line,
+        Some(s) => format!("{line} [exit: {s}]"),
+        None => format!("{line} [did not exit within {EXIT_DEADLINE:?}; killed]"),
+    }
+}
+
+/// Sends the same load through telespool to the same sink; `during` runs
+/// alongside the load (for scenarios that change the sink mid-run).
+async fn through_telespool<F>(
+    options: &Options,
+    sink: &Sink,
+    config: &str,
+    spec: &LoadSpec,
+    bodies: &Arc<Bodies>,
+    during: F,
+) -> Result<Figures, String>
+where
+    F: std::future::Future<Output = ()>,
+{
+    sink.clear();
+    let mut agent = start_agent(&options.bin, sink, config).await?;
+    let pid = agent.pid();
+    let ticks = procfs::clock_ticks();
+    let cpu0 = procfs::cpu_time(pid, ticks)?;
+    let started = Instant::now();
+    let (report, ()) = tokio::join!(load::run(agent.grpc_addr(), spec, bodies.clone()), during);
+    let delivered_at = wait_delivered(sink, spec.signal, report.acked_items).await;
+    let cpu1 = procfs::cpu_time(pid, ticks)?;
+    let peak_rss = procfs::status_bytes(pid, "VmHWM")?;
+    let summary = stop_agent(&mut agent).await;
+    let (items_s, mb_s) = rates(&report, started, delivered_at);
+    let cpu = (cpu1 - cpu0).as_secs_f64();
+    Ok(Figures {
+        items_s,
+        mb_s,
+        p50: report.latency(0.5),
+        p99: report.latency(0.99),
+        acked: report.acked_items,
+        delivered: Delivery::compare(bodies, &report.acked, &sink.ids(spec.signal)),
+        errors: report.errors_text(),
+        cpu_per_m: (report.acked_items > 0).then(|| cpu / (report.acked_items as f64 / 1e6)),
+        peak_rss: Some(peak_rss),
+        summary: Some(summary),
+    })
+}
+
+/// One scenario's result in one run.
+#[derive(Clone, Debug)]
+struct Row {
+    scenario: String,
+    base: Figures,
+    tele: Figures,
+    /// Scenario-specific lines.
+    notes: Vec<String>,
+    /// The overload scenario's verdict on peak RSS.
+    rss_bound: Option<(u64, bool)>,
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1e3)
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "n/a".into()
+    }
+}
+
+fn print_row(row: &Row, spec: &LoadSpec, bodies: &Bodies) {
+    let (b, t) = (&row.base, &row.tele);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "== {}: {} × {} items/request, {} B/request, {} clients, {} requests max, {:?} max{}",
+        row.scenario,
+        spec.signal,
+        spec.items,
+        bodies.mean_len(),
+        spec.concurrency,
+        bodies.bodies.len(),
+        spec.duration,
+        spec.rate
+            .map(|r| format!(", rate cap {r} req/s"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(
+        s,
+        "   baseline : {:>10.0} items/s {:>8.1} MB/s  p50 {} ms  p99 {} ms  errors {}",
+        b.items_s,
+        b.mb_s,
+        ms(b.p50),
+        ms(b.p99),
+        b.errors
+    );
+    let _ = writeln!(s, "              {}", b.delivered.text(b.acked));
+    let _ = writeln!(
+        s,
+        "   telespool: {:>10.0} items/s {:>8.1} MB/s  p50 {} ms  p99 {} ms  errors {}",
+        t.items_s,
+        t.mb_s,
+        ms(t.p50),
+        ms(t.p99),
+        t.errors
+    );
+    if let (Some(cpu), Some(rss)) = (t.cpu_per_m, t.peak_rss) {
+        let _ = writeln!(
+            s,
+            "              CPU {cpu:.3} core-s per million items, peak RSS {:.1} MiB",
+            rss as f64 / MIB
+        );
+    }
+    let _ = writeln!(s, "              {}", t.delivered.text(t.acked));
+    if let Some(summary) = &t.summary {
+        let _ = writeln!(s, "              agent: {summary}");
+    }
+    let _ = writeln!(
+        s,
+        "   ratio    : items/s {}  p50 latency {}  p99 latency {}",
+        ratio(t.items_s, b.items_s),
+        ratio(t.p50.as_secs_f64(), b.p50.as_secs_f64()),
+        ratio(t.p99.as_secs_f64(), b.p99.as_secs_f64()),
+    );
+    for note in &row.notes {
+        let _ = writeln!(s, "   {note}");
+    }
+    println!("{s}");
+}
+
+/// The load of a scenario, before overrides; scaled down by `--quick`.
+fn scenario_spec(name: &str, quick: bool) -> LoadSpec {
+    // Full runs send about a million items per run, quick runs a fifth.
+    let items_per_run = if quick { 200_000 } else { 1_000_000 };
+    let duration = Duration::from_secs(if quick { 10 } else { 30 });
+    let spec = |signal, items: usize, payload| LoadSpec {
+        signal,
+        concurrency: 8,
+        items,
+        payload,
+        requests: items_per_run / items,
+        duration,
+        rate: None,
+    };
+    match name {
+        "small" => spec(Signal::Traces, 10, 0),
+        "large" => spec(Signal::Traces, 1000, 0),
+        "metrics" => spec(Signal::Metrics, 100, 200),
+        "logs" => spec(Signal::Logs, 100, 200),
+        "outage" => {
+            // 10 000 items/s for 12 s (6 s quick).
+            let secs = if quick { 6 } else { 12 };
+            LoadSpec {
+                concurrency: 4,
+                requests: 100 * secs,
+                duration: Duration::from_secs(secs as u64),
+                rate: Some(100.0),
+                ..spec(Signal::Traces, 100, 200)
+            }
+        }
+        "overload" => LoadSpec {
+            concurrency: 32,
+            // Bounded by time (the stall) more than by count.
+            requests: if quick { 500 } else { 1_200 },
+            duration: Duration::from_secs(if quick { 5 } else { 8 }),
+            ..spec(Signal::Traces, 1000, 200)
+        },
+        // "typical", "typical-nogzip", "sink"
+        _ => spec(Signal::Traces, 100, 200),
+    }
+}
+
+fn apply(mut spec: LoadSpec, o: &Overrides) -> LoadSpec {
+    if let Some(v) = o.signal {
+        spec.signal = v;
+    }
+    if let Some(v) = o.items {
+        spec.items = v.max(1);
+        spec.requests = (spec.requests * spec.items.max(1)) / v.max(1);
+    }
+    if let Some(v) = o.concurrency {
+        spec.concurrency = v.max(1);
+    }
+    if let Some(v) = o.payload {
+        spec.payload = v;
+    }
+    if let Some(v) = o.requests {
+        spec.requests = v.max(1);
+    }
+    if let Some(v) = o.duration {
+        spec.duration = v;
+    }
+    if o.rate.is_some() {
+        spec.rate = o.rate;
+    }
+    spec
+}
+
+fn build_bodies(spec: &LoadSpec) -> Arc<Bodies> {
+    let t = Instant::now();
+    let bodies = Bodies::build(spec, 1);
+    eprintln!(
+        "[e2e] built {} request bodies ({:.1} MiB) in {:.1?}",
+        bodies.bodies.len(),
+        (bodies.bodies.len() * bodies.mean_len()) as f64 / MIB,
+        t.elapsed()
+    );
+    Arc::new(bodies)
+}
+
+async fn throughput(
+    options: &Options,
+    name: &str,
+    spec: &LoadSpec,
+    bodies: &Arc<Bodies>,
+) -> Result<Row, String> {
+    let compression = if name == "typical-nogzip" {
+        "none"
+    } else {
+        "gzip"
+    };
+    let sink = Sink::start(options.sink).await;
+    let base = baseline(&sink, spec, bodies).await;
+    let config = agent_config(compression, "");
+    let tele = through_telespool(options, &sink, &config, spec, bodies, async {}).await?;
+    Ok(Row {
+        scenario: name.to_owned(),
+        base,
+        tele,
+        notes: vec![format!(
+            "sink: {:?}; upstream.compression = {compression:?}",
+            options.sink
+        )],
+        rss_bound: None,
+    })
+}
+
+/// The same load to both sinks, no telespool: how much the sink itself costs.
+async fn sink_calibration(spec: &LoadSpec, bodies: &Arc<Bodies>) -> Row {
+    let ticks = procfs::clock_ticks();
+    let me = std::process::id();
+    let mut figures = Vec::new();
+    for kind in [SinkKind::Lean, SinkKind::Upstream] {
+        let sink = Sink::start(kind).await;
+        let cpu0 = procfs::cpu_time(me, ticks).unwrap_or_default();
+        let mut f = baseline(&sink, spec, bodies).await;
+        let cpu = (procfs::cpu_time(me, ticks).unwrap_or_default() - cpu0).as_secs_f64();
+        f.cpu_per_m = (f.acked > 0).then(|| cpu / (f.acked as f64 / 1e6));
+        figures.push(f);
+    }
+    let (lean, full) = (figures[0].clone(), figures[1].clone());
+    let note = format!(
+        "bench process (generator + sink) CPU per million items: lean {:.3} s, Upstream {:.3} s",
+        lean.cpu_per_m.unwrap_or(0.0),
+        full.cpu_per_m.unwrap_or(0.0)
+    );
+    Row {
+        scenario: "sink".into(),
+        base: lean,
+        tele: full,
+        notes: vec![
+            "(here `baseline` = lean sink, `telespool` = harness Upstream sink; no agent)".into(),
+            note,
+        ],
+        rss_bound: None,
+    }
+}
+
+/// Stops the sink at `down`, restarts it at `up` (both from now).
+async fn outage_schedule(upstream: &Upstream, down: Duration, up: Duration) {
+    tokio::time::sleep(down).await;
+    eprintln!("[e2e] outage: stopping the sink");
+    upstream.stop().await;
+    tokio::time::sleep(up.saturating_sub(down)).await;
+    eprintln!("[e2e] outage: restarting the sink");
+    upstream.restart().await;
+}
+
+async fn outage(options: &Options, spec: &LoadSpec, bodies: &Arc<Bodies>) -> Result<Row, String> {
+    let down = spec.duration / 4;
+    let up = spec.duration * 2 / 3;
+    let upstream = Upstream::start().await;
+    let sink = Sink::Full(upstream);
+    let Sink::Full(u) = &sink else { unreachable!() };
+    sink.clear();
+    let started = Instant::now();
+    let (report, ()) = tokio::join!(
+        load::run(sink.addr(), spec, bodies.clone()),
+        outage_schedule(u, down, up)
+    );
+    let delivered_at = wait_delivered(&sink, spec.signal, report.acked_items).await;
+    let (items_s, mb_s) = rates(&report, started, delivered_at);
+    let base = Figures {
+        items_s,
+        mb_s,
+        p50: report.latency(0.5),
+        p99: report.latency(0.99),
+        acked: report.acked_items,
+        delivered: Delivery::compare(bodies, &report.acked, &sink.ids(spec.signal)),
+        errors: report.errors_text(),
+        ..Figures::default()
+    };
+    // Retry quickly enough that the scenario does not wait out a 30 s backoff.
+    let config = agent_config("gzip", "[upstream.retry]\nmax_backoff = \"2s\"\n");
+    let tele = through_telespool(
+        options,
+        &sink,
+        &config,
+        spec,
+        bodies,
+        outage_schedule(u, down, up),
+    )
+    .await?;
+    Ok(Row {
+        scenario: "outage".into(),
+        base,
+        tele,
+        notes: vec![format!(
+            "sink down from {down:?} to {up:?} after the load starts; \
+             upstream.retry.max_backoff = 2s; the generator does not retry refused calls"
+        )],
+        rss_bound: None,
+    })
+}
+
+/// Stalls the sink for `stall`, then makes it healthy.
+async fn stall_schedule(upstream: &Upstream, stall: Duration) {
+    upstream.set_mode(Mode::Stall);
+    tokio::time::sleep(stall).await;
+    upstream.set_mode(Mode::Healthy);
+}
+
+async fn overload(options: &Options, spec: &LoadSpec, bodies: &Arc<Bodies>) -> Result<Row, String> {
+    let stall = spec.duration;
+    let sink = Sink::Full(Upstream::start().await);
+    let Sink::Full(u) = &sink else { unreachable!() };
+    // Baseline: the same clients straight into the stalled sink.
+    sink.clear();
+    let started = Instant::now();
+    let (report, ()) = tokio::join!(
+        load::run(sink.addr(), spec, bodies.clone()),
+        stall_schedule(u, stall)
+    );
+    let delivered_at = wait_delivered(&sink, spec.signal, report.acked_items).await;
+    let (items_s, mb_s) = rates(&report, started, delivered_at);
+    let base = Figures {
+        items_s,
+        mb_s,
+        p50: report.latency(0.5),
+        p99: report.latency(0.99),
+        acked: report.acked_items,
+        delivered: Delivery::compare(bodies, &report.acked, &sink.ids(spec.signal)),
+        errors: report.errors_text(),
+        ..Figures::default()
+    };
+    let config = agent_config(
+        "gzip",
+        &format!("[buffer]\nmax_bytes = {OVERLOAD_BUFFER}\n"),
+    );
+    let tele = through_telespool(
+        options,
+        &sink,
+        &config,
+        spec,
+        bodies,
+        stall_schedule(u, stall),
+    )
+    .await?;
+    let bound = OVERLOAD_BUFFER + RSS_ALLOWANCE;
+    let peak = tele.peak_rss.unwrap_or(u64::MAX);
+    let offered = bodies.bodies.len().min(spec.requests) as f64 * bodies.mean_len() as f64;
+    Ok(Row {
+        scenario: "overload".into(),
+        base,
+        tele,
+        notes: vec![
+            format!(
+                "sink stalled for the first {stall:?}, then healthy; {:.0} MiB of requests \
+                 available to send (at most) against a {} MiB buffer",
+                offered / MIB,
+                OVERLOAD_BUFFER >> 20
+            ),
+            format!(
+                "peak RSS {:.1} MiB vs bound buffer.max_bytes + 32 MiB = {} MiB: {}",
+                peak as f64 / MIB,
+                bound >> 20,
+                if peak <= bound { "within" } else { "EXCEEDED" }
+            ),
+        ],
+        rss_bound: Some((bound, peak <= bound)),
+    })
+}
+
+async fn run_scenario(options: &Options, name: &str) -> Result<Vec<Row>, String> {
+    let mut spec = scenario_spec(name, options.quick);
+    if !matches!(name, "outage" | "overload") {
+        spec = apply(spec, &options.overrides);
+    }
+    let bodies = build_bodies(&spec);
+    let mut rows = Vec::new();
+    for run in 1..=options.runs {
+        if options.runs > 1 {
+            eprintln!("[e2e] {name}: run {run} of {}", options.runs);
+        }
+        let row = match name {
+            "sink" => sink_calibration(&spec, &bodies).await,
+            "outage" => outage(options, &spec, &bodies).await?,
+            "overload" => overload(options, &spec, &bodies).await?,
+            _ => throughput(options, name, &spec, &bodies).await?,
+        };
+        print_row(&row, &spec, &bodies);
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return 0.0;
+    }
+    v[v.len() / 2]
+}
+
+/// The medians over runs, as one markdown table row.
+fn summary_line(rows: &[Row]) -> String {
+    let m = |f: &dyn Fn(&Row) -> f64| median(rows.iter().map(f).collect());
+    let base_items = m(&|r| r.base.items_s);
+    let tele_items = m(&|r| r.tele.items_s);
+    let all_delivered = rows
+        .iter()
+        .all(|r| r.tele.delivered.missing == 0 && r.base.delivered.missing == 0);
+    let lost: u64 = rows.iter().map(|r| r.tele.delivered.missing).sum();
+    let rss = if rows[0].scenario == "sink" {
+        "—".to_owned()
+    } else {
+        format!("{:.0}", m(&|r| r.tele.peak_rss.unwrap_or(0) as f64) / MIB)
+    };
+    let cpu = if rows[0].scenario == "sink" {
+        "—".to_owned()
+    } else {
+        format!("{:.2}", m(&|r| r.tele.cpu_per_m.unwrap_or(f64::NAN)))
+    };
+    format!(
+        "| {} | {:.0} | {:.0} | {} | {:.0} | {} | {} | {} / {} | {} / {} | {} |",
+        rows[0].scenario,
+        base_items,
+        tele_items,
+        ratio(tele_items, base_items),
+        m(&|r| r.tele.mb_s),
+        cpu,
+        rss,
+        ms(Duration::from_secs_f64(m(&|r| r.base.p50.as_secs_f64()))),
+        ms(Duration::from_secs_f64(m(&|r| r.tele.p50.as_secs_f64()))),
+        ms(Duration::from_secs_f64(m(&|r| r.base.p99.as_secs_f64()))),
+        ms(Duration::from_secs_f64(m(&|r| r.tele.p99.as_secs_f64()))),
+        if all_delivered {
+            format!(
+                "yes ({}/{})",
+                rows.last().map(|r| r.tele.delivered.unique).unwrap_or(0),
+                rows.last().map(|r| r.tele.acked).unwrap_or(0)
+            )
+        } else {
+            format!("NO: {lost} lost")
+        },
+    )
+}
+
+async fn run_all(options: &Options) -> Result<(), String> {
+    let names: Vec<String> = if options.scenarios.is_empty() {
+        SCENARIOS.iter().map(|(n, _)| (*n).to_owned()).collect()
+    } else {
+        options.scenarios.clone()
+    };
+    let started = Instant::now();
+    println!(
+        "e2e bench: {} ({}), {} run(s) per scenario, binary {}",
+        if options.quick { "quick" } else { "full" },
+        names.join(", "),
+        options.runs,
+        options.bin.display()
+    );
+    let mut table = vec![
+        "| scenario | baseline items/s | telespool items/s | ratio | telespool MB/s | CPU s / M items | peak RSS MiB | p50 ms base / tele | p99 ms base / tele | acked = delivered |".to_owned(),
+        "|---|---|---|---|---|---|---|---|---|---|".to_owned(),
+    ];
+    let mut failures = Vec::new();
+    for name in &names {
+        match run_scenario(options, name).await {
+            Ok(rows) => {
+                table.push(summary_line(&rows));
+                for r in &rows {
+                    if r.tele.delivered.missing > 0 {
+                        failures.push(format!(
+                            "{name}: {} acknowledged items lost",
+                            r.tele.delivered.missing
+                        ));
+                    }
+                    if let Some((bound, false)) = r.rss_bound {
+                        failures.push(format!(
+                            "{name}: peak RSS {:.1} MiB above {} MiB",
+                            r.tele.peak_rss.unwrap_or(0) as f64 / MIB,
+                            bound >> 20
+                        ));
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("[e2e] scenario {name} failed: {e}");
+                failures.push(format!("{name}: {e}"));
+            }
+        }
+    }
+    println!(
+        "summary ({} per scenario; sink row: baseline = lean sink, telespool column = harness Upstream):",
+        if options.runs > 1 {
+            format!("medians of {} runs", options.runs)
+        } else {
+            "one run".to_owned()
+        }
+    );
+    for line in &table {
+        println!("{line}");
+    }
+    println!("total time {:.0?}", started.elapsed());
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("problems: {}", failures.join("; ")))
+    }
+}

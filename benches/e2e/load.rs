@@ -1,0 +1,239 @@
+//! The load generator: pre-built OTLP/gRPC request bodies sent raw.
+//!
+//! Bodies are encoded before the timed run ([`Bodies::build`]) so encoding is
+//! not what is measured; each call sends a `Bytes` through a pass-through
+//! codec (`support::client::RawCodec`), so a call costs the generator little
+//! more than HTTP/2 framing. Request `j` holds the ids
+//! `first_id + j*items .. first_id + (j+1)*items`, so an acknowledged set is
+//! a set of request indices.
+//!
+//! Every run is bounded by a request count and a duration; an optional rate
+//! cap spaces the starts of requests evenly over all workers.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request};
+
+use crate::support::client::RawCodec;
+use crate::support::{ExportRequest, ItemSpec, Signal};
+
+/// Per-call deadline.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Extra time allowed after the duration cap for calls in flight.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(15);
+
+/// The shape of the load.
+#[derive(Clone, Debug)]
+pub struct LoadSpec {
+    pub signal: Signal,
+    /// Concurrent clients, each with its own connection.
+    pub concurrency: usize,
+    /// Items per request.
+    pub items: usize,
+    /// Bytes of the extra string attribute on every item (0: none).
+    pub payload: usize,
+    /// Request count cap (also how many bodies are pre-built).
+    pub requests: usize,
+    /// Duration cap: no request starts after this.
+    pub duration: Duration,
+    /// Requests per second over all clients; `None`: as fast as answered.
+    pub rate: Option<f64>,
+}
+
+/// Pre-encoded request bodies.
+pub struct Bodies {
+    pub signal: Signal,
+    pub items: usize,
+    pub first_id: u64,
+    pub bodies: Vec<Bytes>,
+}
+
+impl Bodies {
+    /// Encodes `spec.requests` requests with ids starting at `first_id`.
+    pub fn build(spec: &LoadSpec, first_id: u64) -> Bodies {
+        let item_spec = ItemSpec::with_payload(spec.payload);
+        let bodies = (0..spec.requests)
+            .map(|j| {
+                let start = first_id + (j * spec.items) as u64;
+                let ids: Vec<u64> = (start..start + spec.items as u64).collect();
+                ExportRequest::build_with(spec.signal, &ids, &item_spec).encode_to_bytes()
+            })
+            .collect();
+        Bodies {
+            signal: spec.signal,
+            items: spec.items,
+            first_id,
+            bodies,
+        }
+    }
+
+    pub fn mean_len(&self) -> usize {
+        self.bodies.iter().map(Bytes::len).sum::<usize>() / self.bodies.len().max(1)
+    }
+
+    /// The ids of request `j`.
+    pub fn ids_of(&self, j: usize) -> std::ops::Range<u64> {
+        let start = self.first_id + (j * self.items) as u64;
+        start..start + self.items as u64
+    }
+}
+
+/// What one run did.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// Indices of the requests answered OK.
+    pub acked: Vec<usize>,
+    pub acked_items: u64,
+    pub acked_bytes: u64,
+    /// Calls made (each request at most once: no retries).
+    pub calls: usize,
+    /// Error answers by code.
+    pub errors: Vec<(Code, usize)>,
+    /// Latency of the OK calls, sorted, in microseconds.
+    pub latencies_us: Vec<u32>,
+    /// From the first call's start to the last call's end.
+    pub elapsed: Duration,
+}
+
+impl LoadReport {
+    /// The `q` quantile (0..=1) of the OK latencies.
+    pub fn latency(&self, q: f64) -> Duration {
+        if self.latencies_us.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((self.latencies_us.len() - 1) as f64 * q).round() as usize;
+        Duration::from_micros(self.latencies_us[i] as u64)
+    }
+
+    pub fn errors_text(&self) -> String {
+        if self.errors.is_empty() {
+            return "none".into();
+        }
+        self.errors
+            .iter()
+            .map(|(c, n)| format!("{c:?}×{n}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+fn channel(addr: SocketAddr) -> Channel {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .expect("valid endpoint")
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(CALL_TIMEOUT)
+        .tcp_nodelay(true)
+        .connect_lazy()
+}
+
+#[derive(Default)]
+struct WorkerReport {
+    acked: Vec<usize>,
+    calls: usize,
+    errors: Vec<(Code, usize)>,
+    latencies_us: Vec<u32>,
+}
+
+/// Sends `bodies` to `addr` with `spec.concurrency` clients until the
+/// bodies, the duration cap or `stop` end it; waits (bounded) for the calls in
+/// flight.
+pub async fn run(addr: SocketAddr, spec: &LoadSpec, bodies: Arc<Bodies>) -> LoadReport {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let limit = spec.requests.min(bodies.bodies.len());
+    let path = PathAndQuery::from_static(bodies.signal.grpc_path());
+    let tasks: Vec<_> = (0..spec.concurrency.max(1))
+        .map(|_| {
+            let next = next.clone();
+            let bodies = bodies.clone();
+            let path = path.clone();
+            let duration = spec.duration;
+            let rate = spec.rate;
+            tokio::spawn(async move {
+                let mut grpc = tonic::client::Grpc::new(channel(addr));
+                let mut w = WorkerReport::default();
+                loop {
+                    if started.elapsed() >= duration {
+                        break;
+                    }
+                    let j = next.fetch_add(1, Ordering::Relaxed);
+                    if j >= limit {
+                        break;
+                    }
+                    if let Some(rate) = rate {
+                        let due = started + Duration::from_secs_f64(j as f64 / rate);
+                        tokio::time::sleep_until(due.into()).await;
+                        if started.elapsed() >= duration {
+                            break;
+                        }
+                    }
+                    let t0 = Instant::now();
+                    w.calls += 1;
+                    let result = match grpc.ready().await {
+                        Ok(()) => grpc
+                            .unary(
+                                Request::new(bodies.bodies[j].clone()),
+                                path.clone(),
+                                RawCodec,
+                            )
+                            .await
+                            .map(|_| ()),
+                        Err(e) => Err(tonic::Status::unavailable(format!("not ready: {e}"))),
+                    };
+                    match result {
+                        Ok(()) => {
+                            let us = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                            w.latencies_us.push(us);
+                            w.acked.push(j);
+                        }
+                        Err(status) => match w.errors.iter_mut().find(|(c, _)| *c == status.code())
+                        {
+                            Some((_, n)) => *n += 1,
+                            None => w.errors.push((status.code(), 1)),
+                        },
+                    }
+                }
+                w
+            })
+        })
+        .collect();
+
+    let until = tokio::time::Instant::from_std(started + spec.duration + DRAIN_DEADLINE);
+    let mut report = LoadReport::default();
+    for mut task in tasks {
+        match tokio::time::timeout_at(until, &mut task).await {
+            Ok(Ok(w)) => {
+                report.acked.extend(w.acked);
+                report.calls += w.calls;
+                report.latencies_us.extend(w.latencies_us);
+                for (code, n) in w.errors {
+                    match report.errors.iter_mut().find(|(c, _)| *c == code) {
+                        Some((_, m)) => *m += n,
+                        None => report.errors.push((code, n)),
+                    }
+                }
+            }
+            Ok(Err(e)) => panic!("load worker panicked: {e}"),
+            Err(_) => {
+                task.abort();
+                eprintln!("[load] a worker did not end within the drain deadline; aborted");
+            }
+        }
+    }
+    report.elapsed = started.elapsed();
+    report.acked.sort_unstable();
+    report.latencies_us.sort_unstable();
+    report.acked_items = (report.acked.len() * bodies.items) as u64;
+    report.acked_bytes = report
+        .acked
+        .iter()
+        .map(|&j| bodies.bodies[j].len() as u64)
+        .sum();
+    report
+}

@@ -1,0 +1,355 @@
+//! A lean counting OTLP/gRPC sink for the throughput scenarios.
+//!
+//! The harness [`Upstream`](crate::support::Upstream) decodes every request
+//! into the full OTLP message types (every span name, attribute and payload
+//! string allocated) before it records the ids. That costs more CPU than the
+//! forwarding it is meant to measure, and on a small machine the sink shares
+//! the cores with telespool, so a slow sink flatters telespool's ratio to the
+//! baseline. This sink decodes only the path to each item's id (prost skips
+//! every other field without allocating) and appends the ids to a vector.
+//! The `sink` scenario measures both sinks with the same load.
+//!
+//! Where the id is: spans, `span_id` (big-endian); metric data points and log
+//! records, the one int-valued attribute (`test.id`; the payload attribute is
+//! a string). See `tests/support/ids.rs`.
+
+use std::convert::Infallible;
+use std::future::{ready, Ready};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Buf;
+use prost::Message;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::{BoxFuture, Service};
+use tonic::server::{Grpc, NamedService, UnaryService};
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+use tonic::{Request, Response, Status};
+
+use crate::support::Signal;
+
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+// Just enough of the OTLP messages to reach the ids; prost skips the rest.
+#[derive(Clone, PartialEq, Message)]
+struct TracesReq {
+    #[prost(message, repeated, tag = "1")]
+    resource_spans: Vec<ResourceSpans>,
+}
+#[derive(Clone, PartialEq, Message)]
+struct ResourceSpans {
+    #[prost(message, repeated, tag = "2")]
+    scope_spans: Vec<ScopeSpans>,
+}
+#[derive(Clone, PartialEq, Message)]
+struct ScopeSpans {
+    #[prost(message, repeated, tag = "2")]
+    spans: Vec<Span>,
+}
+#[derive(Clone, PartialEq, Message)]
+struct Span {
+    #[prost(bytes = "vec", tag = "2")]
+    span_id: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct LogsReq {
+    #[prost(message, repeated, tag = "1")]
+    resource_logs: Vec<ResourceLogs>,
+}
+#[derive(Clone, PartialEq, Message)]
+struct ResourceLogs {
+    #[prost(message, repeated, tag = "2")]
+    scope_logs: Vec<ScopeLogs>,
+}
+#[derive(Clone, PartialEq, Message)]
+struct ScopeLogs {
+    #[prost(message, repeated, tag = "2")]
+    log_records: Vec<WithAttributes6>,
+}
+/// A LogRecord: attributes are field 6.
+#[derive(Clone, PartialEq, Message)]
+struct WithAttributes6 {
+    #[prost(message, repeated, tag = "6")]
+    attributes: Vec<KeyValue>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct MetricsReq {
+    #[prost(message, repeated, tag = "1")]
+    resource_metrics: Vec<ResourceMetrics>,
+}
+#[derive(Clone, PartialEq, Message)]
+struct ResourceMetrics {
+    #[prost(message, repeated, tag = "2")]
+    scope_metrics: Vec<ScopeMetrics>,
+}
+#[derive(Clone, PartialEq, Message)]
+struct ScopeMetrics {
+    #[prost(message, repeated, tag = "2")]
+    metrics: Vec<Metric>,
+}
+#[derive(Clone, PartialEq, Message)]
+struct Metric {
+    #[prost(message, optional, tag = "5")]
+    gauge: Option<Points>,
+    #[prost(message, optional, tag = "7")]
+    sum: Option<Points>,
+}
+/// Gauge and Sum: data points are field 1.
+#[derive(Clone, PartialEq, Message)]
+struct Points {
+    #[prost(message, repeated, tag = "1")]
+    data_points: Vec<WithAttributes7>,
+}
+/// A NumberDataPoint: attributes are field 7.
+#[derive(Clone, PartialEq, Message)]
+struct WithAttributes7 {
+    #[prost(message, repeated, tag = "7")]
+    attributes: Vec<KeyValue>,
+}
+#[derive(Clone, PartialEq, Message)]
+struct KeyValue {
+    #[prost(message, optional, tag = "2")]
+    value: Option<AnyValue>,
+}
+#[derive(Clone, PartialEq, Message)]
+struct AnyValue {
+    #[prost(int64, optional, tag = "3")]
+    int_value: Option<i64>,
+}
+
+fn int_attribute(attributes: &[KeyValue]) -> Option<u64> {
+    attributes
+        .iter()
+        .find_map(|kv| kv.value.as_ref()?.int_value.map(|v| v as u64))
+}
+
+/// The ids of a `signal` export request (ids of items without one skipped).
+fn decode_ids(signal: Signal, buf: &mut impl Buf) -> Result<Vec<u64>, prost::DecodeError> {
+    let mut out = Vec::new();
+    match signal {
+        Signal::Traces => {
+            let req = TracesReq::decode(buf)?;
+            for span in req
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .flat_map(|s| &s.spans)
+            {
+                if let Ok(id) = <[u8; 8]>::try_from(span.span_id.as_slice()) {
+                    out.push(u64::from_be_bytes(id));
+                }
+            }
+        }
+        Signal::Logs => {
+            let req = LogsReq::decode(buf)?;
+            out.extend(
+                req.resource_logs
+                    .iter()
+                    .flat_map(|r| &r.scope_logs)
+                    .flat_map(|s| &s.log_records)
+                    .filter_map(|r| int_attribute(&r.attributes)),
+            );
+        }
+        Signal::Metrics => {
+            let req = MetricsReq::decode(buf)?;
+            out.extend(
+                req.resource_metrics
+                    .iter()
+                    .flat_map(|r| &r.scope_metrics)
+                    .flat_map(|s| &s.metrics)
+                    .flat_map(|m| m.gauge.iter().chain(m.sum.iter()))
+                    .flat_map(|p| &p.data_points)
+                    .filter_map(|p| int_attribute(&p.attributes)),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Decodes requests to their ids; encodes the empty response (zero bytes
+/// is the empty Export*ServiceResponse of every signal).
+#[derive(Clone, Copy)]
+struct IdCodec(Signal);
+struct IdDecoder(Signal);
+struct EmptyEncoder;
+
+impl Codec for IdCodec {
+    type Encode = ();
+    type Decode = (Vec<u64>, usize);
+    type Encoder = EmptyEncoder;
+    type Decoder = IdDecoder;
+    fn encoder(&mut self) -> EmptyEncoder {
+        EmptyEncoder
+    }
+    fn decoder(&mut self) -> IdDecoder {
+        IdDecoder(self.0)
+    }
+}
+
+impl Encoder for EmptyEncoder {
+    type Item = ();
+    type Error = Status;
+    fn encode(&mut self, _: (), _: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        Ok(())
+    }
+}
+
+impl Decoder for IdDecoder {
+    type Item = (Vec<u64>, usize);
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
+        let len = src.remaining();
+        let ids = decode_ids(self.0, src)
+            .map_err(|e| Status::invalid_argument(format!("lean sink: bad request: {e}")))?;
+        Ok(Some((ids, len)))
+    }
+}
+
+/// What the sink has recorded.
+#[derive(Default)]
+pub struct Recorded {
+    /// Ids of every accepted request, duplicates kept, per signal.
+    ids: Mutex<[Vec<u64>; 3]>,
+    /// Items accepted (all signals), readable without the lock.
+    items: AtomicU64,
+    /// Message bytes accepted (after decompression).
+    bytes: AtomicU64,
+    requests: AtomicU64,
+}
+
+#[derive(Clone)]
+struct Handler {
+    signal: Signal,
+    recorded: Arc<Recorded>,
+}
+
+impl UnaryService<(Vec<u64>, usize)> for Handler {
+    type Response = ();
+    type Future = Ready<Result<Response<()>, Status>>;
+    fn call(&mut self, request: Request<(Vec<u64>, usize)>) -> Self::Future {
+        let (ids, len) = request.into_inner();
+        let r = &self.recorded;
+        r.items.fetch_add(ids.len() as u64, Ordering::Relaxed);
+        r.bytes.fetch_add(len as u64, Ordering::Relaxed);
+        r.requests.fetch_add(1, Ordering::Relaxed);
+        r.ids.lock().unwrap_or_else(|e| e.into_inner())[self.signal.index()]
+            .extend_from_slice(&ids);
+        ready(Ok(Response::new(())))
+    }
+}
+
+/// One OTLP service (by signal index: 0 traces, 1 metrics, 2 logs).
+#[derive(Clone)]
+struct Svc<const S: usize>(Arc<Recorded>);
+
+impl NamedService for Svc<0> {
+    const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+}
+impl NamedService for Svc<1> {
+    const NAME: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
+}
+impl NamedService for Svc<2> {
+    const NAME: &'static str = "opentelemetry.proto.collector.logs.v1.LogsService";
+}
+
+impl<const S: usize> Service<http::Request<Body>> for Svc<S> {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let signal = Signal::ALL[S];
+        let handler = Handler {
+            signal,
+            recorded: self.0.clone(),
+        };
+        Box::pin(async move {
+            let mut grpc = Grpc::new(IdCodec(signal))
+                .accept_compressed(CompressionEncoding::Gzip)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES);
+            Ok(grpc.unary(handler, req).await)
+        })
+    }
+}
+
+/// The running lean sink. Dropping it stops the server.
+pub struct LeanSink {
+    addr: SocketAddr,
+    recorded: Arc<Recorded>,
+    stop: CancellationToken,
+    /// The server task; it ends once `stop` is cancelled (on drop).
+    _task: JoinHandle<()>,
+}
+
+impl LeanSink {
+    /// Serves the three OTLP services on a fresh `127.0.0.1` port.
+    pub async fn start() -> LeanSink {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind lean sink on 127.0.0.1:0");
+        let addr = listener.local_addr().expect("lean sink local_addr");
+        let recorded = Arc::new(Recorded::default());
+        let stop = CancellationToken::new();
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let router = Server::builder()
+            .add_service(Svc::<0>(recorded.clone()))
+            .add_service(Svc::<1>(recorded.clone()))
+            .add_service(Svc::<2>(recorded.clone()));
+        let shutdown = stop.clone().cancelled_owned();
+        let task = tokio::spawn(async move {
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+            {
+                eprintln!("[lean sink] server ended with error: {e}");
+            }
+        });
+        LeanSink {
+            addr,
+            recorded,
+            stop,
+            _task: task,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Items accepted so far (all signals).
+    pub fn items(&self) -> u64 {
+        self.recorded.items.load(Ordering::Relaxed)
+    }
+
+    /// Ids of `signal` received so far, duplicates kept.
+    pub fn ids(&self, signal: Signal) -> Vec<u64> {
+        self.recorded.ids.lock().unwrap_or_else(|e| e.into_inner())[signal.index()].clone()
+    }
+
+    /// Forgets everything recorded.
+    pub fn clear(&self) {
+        *self.recorded.ids.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
+        self.recorded.items.store(0, Ordering::Relaxed);
+        self.recorded.bytes.store(0, Ordering::Relaxed);
+        self.recorded.requests.store(0, Ordering::Relaxed);
+    }
+}
+
+impl Drop for LeanSink {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
