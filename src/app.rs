@@ -44,11 +44,14 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Activation(#[from] crate::activation::ActivationError),
+    #[error(transparent)]
     Exporter(#[from] ExporterError),
 }
 
 impl Listeners {
-    /// Bind every enabled listener of `config`.
+    /// Bind every enabled listener of `config`, or adopt the socket the
+    /// service manager passed for it ([`crate::activation`]).
     pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
         async fn bind(
             addr: SocketAddr,
@@ -65,12 +68,16 @@ impl Listeners {
                 })
         }
         let r = &config.receiver;
+        let inherited = crate::activation::take_from_env()?;
         Ok(Listeners {
-            grpc: match r.grpc.enabled {
-                true => Some(bind(r.grpc.listen, "OTLP/gRPC", "receiver.grpc.listen").await?),
-                false => None,
+            grpc: match (r.grpc.enabled, inherited.grpc) {
+                (true, Some(listener)) => Some(listener),
+                (true, None) => {
+                    Some(bind(r.grpc.listen, "OTLP/gRPC", "receiver.grpc.listen").await?)
+                }
+                (false, _) => None,
             },
-            http: None,
+            http: inherited.http.filter(|_| r.http.enabled),
             admin: match config.admin.enabled {
                 true => Some(bind(config.admin.listen, "admin", "admin.listen").await?),
                 false => None,

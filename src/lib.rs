@@ -13,6 +13,7 @@
 //! order of the stop sequence.
 #![forbid(unsafe_code)]
 
+pub mod activation;
 pub mod admin;
 pub mod app;
 pub mod batch;
