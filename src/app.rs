@@ -253,6 +253,10 @@ pub async fn run(
         spool_rows = opened.stats.rows,
         "listening"
     );
+    crate::systemd::ready(
+        &agent,
+        &format!("listening grpc={grpc_addr} http={http_addr}"),
+    );
 
     agent.tokens.begin.cancelled().await;
     Ok(shutdown::run(agent).await)

@@ -28,3 +28,4 @@ pub mod receiver;
 pub mod retry;
 pub mod shutdown;
 pub mod signal;
+pub mod systemd;
