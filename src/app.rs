@@ -44,11 +44,14 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Activation(#[from] crate::activation::ActivationError),
+    #[error(transparent)]
     Exporter(#[from] ExporterError),
 }
 
 impl Listeners {
-    /// Bind every enabled listener of `config`.
+    /// Bind every enabled listener of `config`, or adopt the socket the
+    /// service manager passed for it ([`crate::activation`]).
     pub async fn bind(config: &Config) -> Result<Listeners, StartError> {
         async fn bind(
             addr: SocketAddr,
@@ -65,14 +68,21 @@ impl Listeners {
                 })
         }
         let r = &config.receiver;
+        let inherited = crate::activation::take_from_env()?;
         Ok(Listeners {
-            grpc: match r.grpc.enabled {
-                true => Some(bind(r.grpc.listen, "OTLP/gRPC", "receiver.grpc.listen").await?),
-                false => None,
+            grpc: match (r.grpc.enabled, inherited.grpc) {
+                (true, Some(listener)) => Some(listener),
+                (true, None) => {
+                    Some(bind(r.grpc.listen, "OTLP/gRPC", "receiver.grpc.listen").await?)
+                }
+                (false, _) => None,
             },
-            http: match r.http.enabled {
-                true => Some(bind(r.http.listen, "OTLP/HTTP", "receiver.http.listen").await?),
-                false => None,
+            http: match (r.http.enabled, inherited.http) {
+                (true, Some(listener)) => Some(listener),
+                (true, None) => {
+                    Some(bind(r.http.listen, "OTLP/HTTP", "receiver.http.listen").await?)
+                }
+                (false, _) => None,
             },
             admin: match config.admin.enabled {
                 true => Some(bind(config.admin.listen, "admin", "admin.listen").await?),
@@ -253,6 +263,10 @@ pub async fn run(
         upstream = agent.config.upstream.endpoint.as_deref().unwrap_or("none"),
         spool_rows = opened.stats.rows,
         "listening"
+    );
+    crate::systemd::ready(
+        &agent,
+        &format!("listening grpc={grpc_addr} http={http_addr}"),
     );
 
     agent.tokens.begin.cancelled().await;

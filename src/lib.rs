@@ -13,6 +13,7 @@
 //! order of the stop sequence.
 #![forbid(unsafe_code)]
 
+pub mod activation;
 pub mod admin;
 pub mod app;
 pub mod batch;
@@ -31,3 +32,4 @@ pub mod shutdown;
 pub mod signal;
 pub mod spool;
 pub mod wire;
+pub mod systemd;

@@ -86,6 +86,7 @@ impl fmt::Display for Summary {
 
 /// Run phases 1–5. Returns once the spool is closed.
 pub async fn run(agent: Agent) -> Summary {
+    crate::systemd::stopping();
     let t0 = Instant::now();
     let flush_deadline = t0 + agent.config.shutdown.flush_budget;
     let hard_deadline = t0 + agent.config.shutdown.timeout;

@@ -8,10 +8,15 @@
 //! `grpc=ADDR http=ADDR admin=ADDR` and reads the bound addresses from it.
 //! Every stderr line is kept (ANSI escapes stripped) and echoed to the test's
 //! stderr as `[agent PID] line`, so a failing test shows the agent's log.
+//!
+//! `listen_fds` hands pre-bound listeners to the agent the way systemd's
+//! socket activation does: as fds 3, 4, … with `LISTEN_FDS` and `LISTEN_PID`.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -44,6 +49,8 @@ pub struct AgentBuilder {
     admin_listen: String,
     start_deadline: Duration,
     dir: Option<Arc<TempDir>>,
+    /// Passed as fds 3, 4, … (socket activation); kept across restarts.
+    listen_fds: Vec<Arc<OwnedFd>>,
 }
 
 impl AgentBuilder {
@@ -90,6 +97,18 @@ impl AgentBuilder {
         self
     }
 
+    /// Socket activation without systemd: each listener (a duplicate of it)
+    /// becomes fd 3, 4, … of the agent, with `LISTEN_FDS` = their count and
+    /// `LISTEN_PID` = the agent's pid (set by `sh -c '… exec'`, which keeps
+    /// the pid). `LISTEN_FDNAMES` can be added with [`env`](Self::env).
+    pub fn listen_fds(mut self, listeners: &[&std::net::TcpListener]) -> Self {
+        self.listen_fds = listeners
+            .iter()
+            .map(|l| Arc::new(OwnedFd::from(l.try_clone().expect("dup listener"))))
+            .collect();
+        self
+    }
+
     pub fn start_deadline(mut self, d: Duration) -> Self {
         self.start_deadline = d;
         self
@@ -127,7 +146,23 @@ impl AgentBuilder {
         std::fs::write(&config_path, &self.config_toml)
             .map_err(|e| format!("writing {}: {e}", config_path.display()))?;
 
-        let mut cmd = Command::new(&self.program);
+        let mut cmd = if self.listen_fds.is_empty() {
+            Command::new(&self.program)
+        } else {
+            // `exec` keeps the shell's pid, so $$ is the agent's pid.
+            let mut sh = Command::new("/bin/sh");
+            sh.arg("-c")
+                .arg(r#"LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@""#)
+                .arg(&self.program)
+                .env("LISTEN_FDS", self.listen_fds.len().to_string());
+            let fds: Vec<i32> = self.listen_fds.iter().map(|fd| fd.as_raw_fd()).collect();
+            // SAFETY: between fork and exec only async-signal-safe calls
+            // (fcntl, dup2, close) on fds this process owns.
+            unsafe {
+                sh.pre_exec(move || pass_fds(&fds));
+            }
+            sh
+        };
         cmd.args(&self.prefix_args)
             .arg("run")
             .arg("--config")
@@ -217,6 +252,36 @@ impl AgentBuilder {
             tokio::time::sleep(POLL).await;
         }
     }
+}
+
+/// In the forked child: move `fds` to 3, 4, … without close-on-exec. Each is
+/// first duplicated above the target range, so a source fd that is itself
+/// one of the targets is not overwritten before it is moved.
+fn pass_fds(fds: &[i32]) -> std::io::Result<()> {
+    use nix::libc;
+    let high = 3 + fds.len() as i32 + 16;
+    let mut moved = [0i32; 16];
+    if fds.len() > moved.len() {
+        return Err(std::io::Error::other("too many listen fds"));
+    }
+    for (i, fd) in fds.iter().enumerate() {
+        // SAFETY: fcntl on an fd owned by this process.
+        let tmp = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, high) };
+        if tmp < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        moved[i] = tmp;
+    }
+    for (i, tmp) in moved[..fds.len()].iter().enumerate() {
+        // SAFETY: dup2 onto a descriptor number this child may reuse; the
+        // new descriptor does not have close-on-exec.
+        if unsafe { libc::dup2(*tmp, 3 + i as i32) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: closing the temporary duplicate made above.
+        unsafe { libc::close(*tmp) };
+    }
+    Ok(())
 }
 
 fn spawn_reader(
@@ -319,6 +384,7 @@ impl AgentProcess {
             admin_listen: "127.0.0.1:0".to_owned(),
             start_deadline: START_DEADLINE,
             dir: None,
+            listen_fds: Vec::new(),
         }
     }
 
