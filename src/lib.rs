@@ -31,5 +31,5 @@ pub mod retry;
 pub mod shutdown;
 pub mod signal;
 pub mod spool;
-pub mod wire;
 pub mod systemd;
+pub mod wire;

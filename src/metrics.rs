@@ -317,6 +317,7 @@ impl Metrics {
             .sum()
     }
 
+    /// Requests refused (a refused request's items are often not known).
     pub fn refused_total(&self, signal: Signal) -> u64 {
         [
             Refusal::BufferFull,
@@ -327,7 +328,7 @@ impl Metrics {
         ]
         .iter()
         .map(|r| {
-            self.received_items
+            self.received_requests
                 .get_or_create(&[("signal", signal.as_str()), ("outcome", r.as_str())])
                 .get()
         })

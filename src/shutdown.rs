@@ -66,7 +66,7 @@ impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "received={} refused={} forwarded={} spooled={} replayed={} dropped={} dropped_at_shutdown={} duplicates_risked={} spool_rows_left={}",
+            "received={} refused_requests={} forwarded={} spooled={} replayed={} dropped={} dropped_at_shutdown={} duplicates_risked={} spool_rows_left={}",
             Self::total(&self.accepted),
             Self::total(&self.refused),
             Self::total(&self.forwarded),
