@@ -87,6 +87,14 @@ const SCENARIOS: &[(&str, &str)] = &[
         "typical, with upstream.compression = \"none\"",
     ),
     (
+        "durable-normal",
+        "typical, durability = \"spool\", spool.synchronous = \"normal\"",
+    ),
+    (
+        "durable-full",
+        "typical, durability = \"spool\", spool.synchronous = \"full\" (fsync per commit)",
+    ),
+    (
         "outage",
         "typical at a capped rate; the sink is down for a stretch, then back",
     ),
@@ -673,17 +681,23 @@ async fn throughput(
     } else {
         "gzip"
     };
+    let extra = match name {
+        "durable-normal" => "durability = \"spool\"\n[spool]\nsynchronous = \"normal\"\n",
+        "durable-full" => "durability = \"spool\"\n[spool]\nsynchronous = \"full\"\n",
+        _ => "",
+    };
     let sink = Sink::start(options.sink).await;
     let base = baseline(&sink, spec, bodies).await;
-    let config = agent_config(compression, "");
+    let config = agent_config(compression, extra);
     let tele = through_telespool(options, &sink, &config, spec, bodies, async {}).await?;
     Ok(Row {
         scenario: name.to_owned(),
         base,
         tele,
         notes: vec![format!(
-            "sink: {:?}; upstream.compression = {compression:?}",
-            options.sink
+            "sink: {:?}; upstream.compression = {compression:?}; {}",
+            options.sink,
+            extra.replace('\n', " ")
         )],
         rss_bound: None,
     })

@@ -35,6 +35,11 @@ async fn every_item_sent_over_grpc_arrives_upstream_exactly_once_in_far_fewer_ba
         }
         ok(upstream.wait_for_ids(signal, &sent, DEADLINE).await);
         upstream.assert_received_exactly(signal, &sent);
+        assert_eq!(
+            upstream.last_header("grpc-encoding").as_deref(),
+            Some("gzip"),
+            "batches go upstream gzip-compressed by default"
+        );
         let batches = upstream.requests(signal);
         assert!(
             batches <= 100,
@@ -44,9 +49,9 @@ async fn every_item_sent_over_grpc_arrives_upstream_exactly_once_in_far_fewer_ba
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn gzip_and_empty_requests_are_accepted() {
+async fn gzip_and_empty_requests_are_accepted_and_upstream_compression_can_be_off() {
     let upstream = Upstream::start().await;
-    let agent = agent(&upstream, "").await;
+    let agent = agent(&upstream, "[upstream]\ncompression = \"none\"\n").await;
     let ids = fresh_ids(50);
     ok(support::client::send_gzip(agent.grpc_addr(), Signal::Logs, &ids).await);
     let empty = ok(send_raw(agent.grpc_addr(), Signal::Traces.grpc_path(), Bytes::new()).await);
@@ -59,6 +64,11 @@ async fn gzip_and_empty_requests_are_accepted() {
         .await);
     upstream.assert_received_exactly(Signal::Logs, &id_set(&ids));
     assert_eq!(upstream.unique_ids(Signal::Traces).len(), 0);
+    assert_eq!(
+        upstream.last_header("grpc-encoding"),
+        None,
+        "compression = none"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -248,4 +258,42 @@ async fn retryable_upstream_reply_is_retried_until_upstream_accepts() {
         .wait_for_ids(Signal::Traces, &id_set(&ids), DEADLINE)
         .await);
     upstream.assert_received_exactly(Signal::Traces, &id_set(&ids));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_an_upstream_the_agent_buffers_then_refuses_then_spools_everything_at_shutdown() {
+    let mut agent = ok(AgentProcess::builder()
+        .config_toml(
+            "[receiver]\nmax_request_bytes = \"16KiB\"\n[buffer]\nmax_bytes = \"64KiB\"\nmax_wait = \"10ms\"\n\
+             [shutdown]\nflush_budget = \"0s\"\ntimeout = \"5s\"\n",
+        )
+        .start()
+        .await);
+    assert!(
+        agent.stderr().contains("no upstream.endpoint configured"),
+        "warns"
+    );
+    let client = Client::new(agent.grpc_addr());
+    let mut acknowledged = 0u64;
+    let mut refusal = None;
+    for _ in 0..500 {
+        let ids = fresh_ids(20);
+        match client.export(Signal::Traces, &ids).await {
+            Ok(_) => acknowledged += ids.len() as u64,
+            Err(status) => {
+                refusal = Some(status);
+                break;
+            }
+        }
+    }
+    let refusal = refusal.expect("a full buffer with nowhere to go refuses");
+    assert_eq!(refusal.code(), Code::Unavailable);
+    assert!(retry_delay(&refusal).is_some());
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        agent.wait_exit(DEADLINE).await.expect("exits").success(),
+        "{}",
+        agent.stderr()
+    );
+    assert_eq!(agent.summary_field("spooled"), Some(acknowledged));
 }
