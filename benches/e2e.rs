@@ -440,7 +440,8 @@ async fn baseline(sink: &Sink, spec: &LoadSpec, bodies: &Arc<Bodies>) -> Figures
 }
 
 fn agent_config(compression: &str, extra: &str) -> String {
-    format!("[upstream]\ncompression = \"{compression}\"\n{extra}")
+    // `extra` first: its top-level keys (durability) must precede any table.
+    format!("{extra}\n[upstream]\ncompression = \"{compression}\"\n")
 }
 
 async fn start_agent(bin: &Path, sink: &Sink, config: &str) -> Result<AgentProcess, String> {

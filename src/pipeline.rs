@@ -629,35 +629,41 @@ impl Pipeline {
         }
     }
 
-    /// The oldest spool row no other replay worker holds.
+    /// The oldest spool row no other replay worker holds. Reads one row at a
+    /// time: rows past the cursor are never in flight (claims only move it
+    /// forward), so only after a wrap to the start can a read hit a held row.
     async fn claim_row(&self) -> Option<SpooledBatch> {
         let _guard = self.claim_or_evict.lock().await;
-        for _pass in 0..2 {
-            let (cursor, busy) = match self.replay.lock() {
-                Ok(c) => (c.cursor, c.in_flight.len()),
-                Err(_) => return None,
-            };
-            let rows = match self.spool.oldest(cursor, busy + 1).await {
-                Ok(rows) => rows,
+        let mut wrapped = false;
+        let (mut cursor, busy) = {
+            let claims = self.replay.lock().ok()?;
+            (claims.cursor, claims.in_flight.len())
+        };
+        for _ in 0..busy + 2 {
+            let row = match self.spool.oldest(cursor, 1).await {
+                Ok(mut rows) => rows.pop(),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the spool for replay");
                     return None;
                 }
             };
-            let Ok(mut claims) = self.replay.lock() else {
-                return None;
-            };
-            if let Some(row) = rows.into_iter().find(|r| !claims.in_flight.contains(&r.id)) {
-                claims.cursor = claims.cursor.max(row.id);
-                claims.in_flight.insert(row.id);
-                return Some(row);
+            let mut claims = self.replay.lock().ok()?;
+            match row {
+                Some(row) if claims.in_flight.contains(&row.id) => cursor = row.id,
+                Some(row) => {
+                    claims.cursor = row.id;
+                    claims.in_flight.insert(row.id);
+                    return Some(row);
+                }
+                // Past the end: start again from the oldest row once (rows
+                // left behind after max_elapsed are retried on the next pass).
+                None if !wrapped && claims.cursor != 0 => {
+                    wrapped = true;
+                    cursor = 0;
+                    claims.cursor = 0;
+                }
+                None => return None,
             }
-            // Past the end: start again from the oldest row (rows left behind
-            // after max_elapsed are retried on the next pass).
-            if claims.cursor == 0 {
-                return None;
-            }
-            claims.cursor = 0;
         }
         None
     }
