@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::exporter::{ExporterError, Upstream};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
+use crate::receiver::connections::{self, ConnectionLimits};
 use crate::receiver::{self, Receiver};
 use crate::shutdown::{self, Summary};
 use crate::signal::Signal;
@@ -179,6 +180,7 @@ pub async fn run(
         pipeline.clone(),
         metrics.clone(),
         config.receiver.max_request_bytes.0,
+        config.receiver.body_timeout,
     );
     let admin = Arc::new(AdminState {
         ready: AtomicBool::new(false),
@@ -292,16 +294,17 @@ pub async fn drain(
     run(config, spool, opened, Listeners::default(), tokens).await
 }
 
+/// Serve an OTLP listener with the `[receiver]` connection limits.
 fn serve(agent: &Agent, name: &'static str, listener: TcpListener, router: axum::Router) {
-    let stop = agent.close_listeners.clone();
-    agent.panics.spawn(&agent.servers, name, async move {
-        let result = axum::serve(listener, router)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await;
-        if let Err(e) = result {
-            tracing::error!(server = name, error = %e, "server failed");
-        }
-    });
+    let limits = ConnectionLimits::from(&agent.config.receiver);
+    let serving = connections::serve(
+        listener,
+        router,
+        limits,
+        agent.close_listeners.clone(),
+        agent.panics.clone(),
+    );
+    agent.panics.spawn(&agent.servers, name, serving);
 }
 
 fn start_pipeline_tasks(agent: &Agent) {

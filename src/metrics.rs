@@ -38,6 +38,8 @@ pub enum Refusal {
     Invalid,
     /// The payload is over `receiver.max_request_bytes`.
     TooLarge,
+    /// The body did not arrive within `receiver.body_timeout`.
+    Timeout,
 }
 
 impl Refusal {
@@ -48,6 +50,7 @@ impl Refusal {
             Refusal::ShuttingDown => "refused_shutting_down",
             Refusal::Invalid => "invalid",
             Refusal::TooLarge => "too_large",
+            Refusal::Timeout => "timeout",
         }
     }
 }

@@ -107,15 +107,7 @@ async fn export(receiver: &Receiver, signal: Signal, headers: &HeaderMap, body: 
             return error_response(Encoding::Json, &e);
         }
     };
-    let payload = match read_payload(
-        receiver.max_request_bytes(),
-        signal,
-        encoding,
-        headers,
-        body,
-    )
-    .await
-    {
+    let payload = match read_payload(receiver, signal, encoding, headers, body).await {
         Ok(payload) => payload,
         Err((e, bytes)) => {
             receiver.refused(signal, &e, bytes);
@@ -149,12 +141,13 @@ fn content_type(headers: &HeaderMap) -> Result<Encoding, IngestError> {
 /// Read, decompress and (for JSON) convert the body to protobuf bytes.
 /// On error, also the number of bytes read, for the refusal counter.
 async fn read_payload(
-    limit: u64,
+    receiver: &Receiver,
     signal: Signal,
     encoding: Encoding,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Bytes, (IngestError, u64)> {
+    let limit = receiver.max_request_bytes();
     let gzip = is_gzip(headers).map_err(|e| (e, 0))?;
     // gzip output is bounded exactly by `gunzip`; its input may exceed the
     // output by a little (stored blocks of incompressible data).
@@ -169,8 +162,10 @@ async fn read_payload(
     if let Some(size) = declared.filter(|size| *size > wire_limit) {
         return Err((IngestError::TooLarge { size, limit }, 0));
     }
-    let raw = axum::body::to_bytes(body, usize::try_from(wire_limit).unwrap_or(usize::MAX))
+    let raw = receiver
+        .read_body(body, usize::try_from(wire_limit).unwrap_or(usize::MAX))
         .await
+        .map_err(|e| (e, 0))?
         .map_err(|e| {
             let error = match super::grpc::is_length_limit(&e) {
                 true => IngestError::TooLarge {
