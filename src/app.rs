@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::exporter::{ExporterError, Upstream};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
+use crate::receiver::auth::{self, TokenFileError, Tokens};
 use crate::receiver::connections::{self, ConnectionLimits};
 use crate::receiver::{self, Receiver};
 use crate::shutdown::{self, Summary};
@@ -46,6 +47,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Exporter(#[from] ExporterError),
+    #[error(transparent)]
+    TokenFile(#[from] TokenFileError),
 }
 
 impl Listeners {
@@ -162,6 +165,10 @@ pub async fn run(
     listeners: Listeners,
     tokens: ShutdownTokens,
 ) -> Result<Summary, StartError> {
+    let tokens_required = match &config.receiver.auth.token_file {
+        Some(path) => Some(Arc::new(Tokens::from_file(path)?)),
+        None => None,
+    };
     let metrics = Arc::new(Metrics::new());
     for signal in Signal::ALL {
         metrics.set_spooled_at_start(signal, opened.stats.items[signal.index()]);
@@ -220,14 +227,23 @@ pub async fn run(
     );
 
     if let Some(listener) = listeners.grpc {
+        let mut otlp = receiver::grpc::router(agent.receiver.clone());
+        if let Some(tokens) = &tokens_required {
+            let receiver = agent.receiver.clone();
+            otlp = auth::require_token(otlp, tokens.clone(), receiver, auth::Protocol::Grpc);
+        }
+        // Health stays outside the token check, so probes need no token.
         let router = tonic::service::Routes::new(health_service)
             .into_axum_router()
-            .merge(receiver::grpc::router(agent.receiver.clone()));
+            .merge(otlp);
         serve(&agent, "grpc server", listener, router);
     }
     if let Some(listener) = listeners.http {
-        let router =
-            receiver::http::router(agent.receiver.clone(), &agent.config.receiver.http.cors);
+        let router = receiver::http::router(
+            agent.receiver.clone(),
+            &agent.config.receiver.http.cors,
+            tokens_required.clone(),
+        );
         serve(&agent, "http server", listener, router);
     }
     if let Some(listener) = listeners.admin {

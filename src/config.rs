@@ -63,6 +63,15 @@ pub struct ReceiverConfig {
     /// HTTP/2 keepalive: close the connection if a PING is not answered in time.
     #[serde(with = "duration")]
     pub keepalive_timeout: Duration,
+    pub auth: AuthConfig,
+}
+
+/// Bearer-token authentication of clients (`[receiver.auth]`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// File of accepted tokens, one per line, read at start. None: no auth.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for ReceiverConfig {
@@ -79,6 +88,7 @@ impl Default for ReceiverConfig {
             idle_timeout: Duration::from_secs(300),
             keepalive_interval: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(20),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -228,6 +238,9 @@ pub struct UpstreamConfig {
     pub compression: Compression,
     /// Extra gRPC metadata sent with every export (for example an auth token).
     pub headers: BTreeMap<String, String>,
+    /// File of more metadata, `key: value` per line, read at start (keeps
+    /// secrets out of the config file); its entries win over `headers`.
+    pub headers_file: Option<PathBuf>,
     pub retry: RetryConfig,
 }
 
@@ -239,6 +252,7 @@ impl Default for UpstreamConfig {
             timeout: Duration::from_secs(10),
             compression: Compression::Gzip,
             headers: BTreeMap::new(),
+            headers_file: None,
             retry: RetryConfig::default(),
         }
     }

@@ -40,6 +40,8 @@ pub enum Refusal {
     TooLarge,
     /// The body did not arrive within `receiver.body_timeout`.
     Timeout,
+    /// No bearer token, or not a configured one (`receiver.auth.token_file`).
+    Unauthenticated,
 }
 
 impl Refusal {
@@ -51,6 +53,7 @@ impl Refusal {
             Refusal::Invalid => "invalid",
             Refusal::TooLarge => "too_large",
             Refusal::Timeout => "timeout",
+            Refusal::Unauthenticated => "unauthenticated",
         }
     }
 }

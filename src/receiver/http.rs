@@ -36,6 +36,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use prost::Message;
 
+use super::auth;
 use super::otlp_json;
 use super::{gunzip, IngestError, Receiver};
 use crate::config::CorsConfig;
@@ -52,7 +53,13 @@ enum Encoding {
 }
 
 /// Routes for the three OTLP/HTTP export paths, with CORS when configured.
-pub fn router(receiver: Arc<Receiver>, cors: &CorsConfig) -> Router {
+/// With `tokens`, every OTLP request needs a bearer token (see [`super::auth`]);
+/// CORS preflights are answered before that check.
+pub fn router(
+    receiver: Arc<Receiver>,
+    cors: &CorsConfig,
+    tokens: Option<Arc<auth::Tokens>>,
+) -> Router {
     let allow: &'static str = match cors.enabled() {
         true => "POST, OPTIONS",
         false => "POST",
@@ -92,6 +99,9 @@ pub fn router(receiver: Arc<Receiver>, cors: &CorsConfig) -> Router {
             ),
         )
     });
+    if let Some(tokens) = tokens {
+        router = auth::require_token(router, tokens, receiver, auth::Protocol::Http);
+    }
     if cors.enabled() {
         let cors = Arc::new(cors.clone());
         router = router.layer(middleware::from_fn_with_state(cors, cors_middleware));
@@ -217,6 +227,12 @@ fn ok_response(encoding: Encoding) -> Response {
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
+}
+
+/// The answer to a request refused before its body was read, in the
+/// request's encoding (JSON when the content type is unknown).
+pub(super) fn refusal_response(headers: &HeaderMap, e: &IngestError) -> Response {
+    error_response(content_type(headers).unwrap_or(Encoding::Json), e)
 }
 
 /// The answer to a refused request, from the one mapping in `receiver/mod.rs`.

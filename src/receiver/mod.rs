@@ -5,6 +5,7 @@
 //! status in exactly one place ([`IngestError::to_status`]) and to an HTTP
 //! status right beside it ([`IngestError::to_http`]).
 
+pub mod auth;
 pub mod connections;
 pub mod grpc;
 pub mod http;
@@ -46,6 +47,10 @@ pub enum IngestError {
     /// stalled client); the client may retry.
     #[error("request body not received within {0:?} (receiver.body_timeout)")]
     BodyTimeout(Duration),
+    /// `receiver.auth.token_file` is set and the request has no bearer token
+    /// or not one of the configured ones. The token is never part of the message.
+    #[error("missing or invalid bearer token (Authorization: Bearer ...)")]
+    Unauthenticated,
     /// The compression is not one this receiver speaks.
     #[error("unsupported compression {0:?}: use gzip or none")]
     UnsupportedEncoding(String),
@@ -83,6 +88,7 @@ impl IngestError {
             }
             IngestError::ShuttingDown => retryable(msg, SHUTDOWN_RETRY_AFTER),
             IngestError::BodyTimeout(_) => tonic::Status::new(Code::DeadlineExceeded, msg),
+            IngestError::Unauthenticated => tonic::Status::new(Code::Unauthenticated, msg),
         }
     }
 
@@ -107,6 +113,7 @@ impl IngestError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             IngestError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            IngestError::Unauthenticated => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -133,6 +140,7 @@ impl IngestError {
             IngestError::ShuttingDown => Refusal::ShuttingDown,
             IngestError::SpoolFull { .. } => Refusal::SpoolFull,
             IngestError::BodyTimeout(_) => Refusal::Timeout,
+            IngestError::Unauthenticated => Refusal::Unauthenticated,
         }
     }
 }
