@@ -19,6 +19,8 @@ use crate::config::Config;
 use crate::exporter::{ExporterError, Upstream};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
+use crate::receiver::auth::{self, TokenFileError, Tokens};
+use crate::receiver::connections::{self, ConnectionLimits};
 use crate::receiver::{self, Receiver};
 use crate::shutdown::{self, Summary};
 use crate::signal::Signal;
@@ -47,6 +49,8 @@ pub enum StartError {
     Activation(#[from] crate::activation::ActivationError),
     #[error(transparent)]
     Exporter(#[from] ExporterError),
+    #[error(transparent)]
+    TokenFile(#[from] TokenFileError),
 }
 
 impl Listeners {
@@ -171,6 +175,10 @@ pub async fn run(
     listeners: Listeners,
     tokens: ShutdownTokens,
 ) -> Result<Summary, StartError> {
+    let tokens_required = match &config.receiver.auth.token_file {
+        Some(path) => Some(Arc::new(Tokens::from_file(path)?)),
+        None => None,
+    };
     let metrics = Arc::new(Metrics::new());
     for signal in Signal::ALL {
         metrics.set_spooled_at_start(signal, opened.stats.items[signal.index()]);
@@ -189,6 +197,7 @@ pub async fn run(
         pipeline.clone(),
         metrics.clone(),
         config.receiver.max_request_bytes.0,
+        config.receiver.body_timeout,
     );
     let admin = Arc::new(AdminState {
         ready: AtomicBool::new(false),
@@ -228,14 +237,23 @@ pub async fn run(
     );
 
     if let Some(listener) = listeners.grpc {
+        let mut otlp = receiver::grpc::router(agent.receiver.clone());
+        if let Some(tokens) = &tokens_required {
+            let receiver = agent.receiver.clone();
+            otlp = auth::require_token(otlp, tokens.clone(), receiver, auth::Protocol::Grpc);
+        }
+        // Health stays outside the token check, so probes need no token.
         let router = tonic::service::Routes::new(health_service)
             .into_axum_router()
-            .merge(receiver::grpc::router(agent.receiver.clone()));
+            .merge(otlp);
         serve(&agent, "grpc server", listener, router);
     }
     if let Some(listener) = listeners.http {
-        let router =
-            receiver::http::router(agent.receiver.clone(), &agent.config.receiver.http.cors);
+        let router = receiver::http::router(
+            agent.receiver.clone(),
+            &agent.config.receiver.http.cors,
+            tokens_required.clone(),
+        );
         serve(&agent, "http server", listener, router);
     }
     if let Some(listener) = listeners.admin {
@@ -306,16 +324,17 @@ pub async fn drain(
     run(config, spool, opened, Listeners::default(), tokens).await
 }
 
+/// Serve an OTLP listener with the `[receiver]` connection limits.
 fn serve(agent: &Agent, name: &'static str, listener: TcpListener, router: axum::Router) {
-    let stop = agent.close_listeners.clone();
-    agent.panics.spawn(&agent.servers, name, async move {
-        let result = axum::serve(listener, router)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await;
-        if let Err(e) = result {
-            tracing::error!(server = name, error = %e, "server failed");
-        }
-    });
+    let limits = ConnectionLimits::from(&agent.config.receiver);
+    let serving = connections::serve(
+        listener,
+        router,
+        limits,
+        agent.close_listeners.clone(),
+        agent.panics.clone(),
+    );
+    agent.panics.spawn(&agent.servers, name, serving);
 }
 
 fn start_pipeline_tasks(agent: &Agent) {

@@ -37,6 +37,41 @@ pub struct ReceiverConfig {
     pub http: HttpListenerConfig,
     /// Largest accepted request body, after decompression.
     pub max_request_bytes: ByteSize,
+    /// Open connections per listener; further clients wait in the kernel's
+    /// accept queue until one closes.
+    pub max_connections: usize,
+    /// HTTP/2 streams (requests) in flight on one connection.
+    pub max_concurrent_streams: u32,
+    /// Largest request header block: the HTTP/2 header list, the HTTP/1 read
+    /// buffer (at least 8KiB there).
+    pub max_header_bytes: ByteSize,
+    /// Deadline for receiving a whole request body once its headers arrived;
+    /// a client that trickles bytes gets DEADLINE_EXCEEDED / 408.
+    #[serde(with = "duration")]
+    pub body_timeout: Duration,
+    /// HTTP/1 deadline for a request's headers (slow-header clients).
+    #[serde(with = "duration")]
+    pub header_timeout: Duration,
+    /// A connection with no request in flight for this long is closed
+    /// (gracefully); clients reconnect when they next send.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// HTTP/2 keepalive: PING a connection this often to find dead peers;
+    /// "0s" turns pings off.
+    #[serde(with = "duration")]
+    pub keepalive_interval: Duration,
+    /// HTTP/2 keepalive: close the connection if a PING is not answered in time.
+    #[serde(with = "duration")]
+    pub keepalive_timeout: Duration,
+    pub auth: AuthConfig,
+}
+
+/// Bearer-token authentication of clients (`[receiver.auth]`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// File of accepted tokens, one per line, read at start. None: no auth.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for ReceiverConfig {
@@ -45,6 +80,15 @@ impl Default for ReceiverConfig {
             grpc: ListenerConfig::on("127.0.0.1:4317"),
             http: HttpListenerConfig::default(),
             max_request_bytes: ByteSize(4 << 20),
+            max_connections: 1024,
+            max_concurrent_streams: 100,
+            max_header_bytes: ByteSize(32 << 10),
+            body_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -70,6 +114,32 @@ impl ListenerConfig {
 impl Default for ListenerConfig {
     fn default() -> Self {
         ListenerConfig::on("127.0.0.1:0")
+    }
+}
+
+impl ReceiverConfig {
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let bad = |msg: &str| Err(ConfigError::Invalid(msg.to_owned()));
+        if self.max_connections == 0 {
+            return bad("receiver.max_connections must be at least 1");
+        }
+        if self.max_concurrent_streams == 0 {
+            return bad("receiver.max_concurrent_streams must be at least 1");
+        }
+        if !(1024..=(16 << 20)).contains(&self.max_header_bytes.0) {
+            return bad("receiver.max_header_bytes must be between 1KiB and 16MiB");
+        }
+        for (key, value) in [
+            ("receiver.body_timeout", self.body_timeout),
+            ("receiver.header_timeout", self.header_timeout),
+            ("receiver.idle_timeout", self.idle_timeout),
+            ("receiver.keepalive_timeout", self.keepalive_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::Invalid(format!("{key} must be above 0s")));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -168,6 +238,9 @@ pub struct UpstreamConfig {
     pub compression: Compression,
     /// Extra gRPC metadata sent with every export (for example an auth token).
     pub headers: BTreeMap<String, String>,
+    /// File of more metadata, `key: value` per line, read at start (keeps
+    /// secrets out of the config file); its entries win over `headers`.
+    pub headers_file: Option<PathBuf>,
     pub retry: RetryConfig,
 }
 
@@ -179,6 +252,7 @@ impl Default for UpstreamConfig {
             timeout: Duration::from_secs(10),
             compression: Compression::Gzip,
             headers: BTreeMap::new(),
+            headers_file: None,
             retry: RetryConfig::default(),
         }
     }
@@ -457,6 +531,7 @@ impl Config {
                 ));
             }
         }
+        self.receiver.validate_limits()?;
         if self.spool.max_bytes.0 < 64 * 1024 {
             return bad("spool.max_bytes must be at least 64KiB".into());
         }
@@ -589,6 +664,32 @@ mod cors_tests {
         let config = parse(include_str!("../packaging/telespool.toml")).expect("valid");
         assert!(!config.receiver.http.cors.enabled());
         assert_eq!(config.receiver.http, ReceiverConfig::default().http);
+        assert_eq!(
+            config.receiver,
+            ReceiverConfig::default(),
+            "packaging/telespool.toml shows the built-in receiver defaults"
+        );
+    }
+
+    #[test]
+    fn receiver_limits_are_checked() {
+        for (text, key) in [
+            ("max_connections = 0", "receiver.max_connections"),
+            (
+                "max_concurrent_streams = 0",
+                "receiver.max_concurrent_streams",
+            ),
+            ("max_header_bytes = 100", "receiver.max_header_bytes"),
+            ("body_timeout = \"0s\"", "receiver.body_timeout"),
+            ("idle_timeout = \"0s\"", "receiver.idle_timeout"),
+        ] {
+            let e = parse(&format!("[receiver]\n{text}\n"))
+                .expect_err(text)
+                .to_string();
+            assert!(e.contains(key), "{e}");
+        }
+        let e = parse("[receiver]\nbody_timeout = 5\n").expect_err("not a duration");
+        assert!(e.to_string().contains("body_timeout"), "{e}");
     }
 
     #[test]

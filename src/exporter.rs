@@ -35,6 +35,38 @@ pub enum ExporterError {
     /// A key or value in `upstream.headers` is not valid gRPC metadata.
     #[error("upstream.headers: {key:?} is not a valid gRPC metadata {what} (use lower-case ASCII keys and printable ASCII values)")]
     Header { key: String, what: &'static str },
+    /// `upstream.headers_file` cannot be read or has a line that is not `key: value`.
+    #[error("upstream.headers_file {path}: {message}")]
+    HeadersFile {
+        path: std::path::PathBuf,
+        message: String,
+    },
+}
+
+/// Read `key: value` lines (blank lines and `#` comments skipped). Error
+/// messages name the line number, never its contents (they may be secrets).
+pub fn read_headers_file(
+    path: &std::path::Path,
+) -> Result<std::collections::BTreeMap<String, String>, ExporterError> {
+    let err = |message: String| ExporterError::HeadersFile {
+        path: path.to_owned(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let mut headers = std::collections::BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match line.split_once(':') {
+            Some((key, value)) if !key.trim().is_empty() => {
+                headers.insert(key.trim().to_ascii_lowercase(), value.trim().to_owned());
+            }
+            _ => return Err(err(format!("line {} is not `key: value`", n + 1))),
+        }
+    }
+    Ok(headers)
 }
 
 /// A failed export, with what the retry policy needs to know.
@@ -84,16 +116,22 @@ impl Upstream {
                 .tls_config(ClientTlsConfig::new().with_native_roots())
                 .map_err(ep_err)?;
         }
+        let mut all = cfg.headers.clone();
+        if let Some(path) = &cfg.headers_file {
+            all.extend(read_headers_file(path)?);
+        }
         let mut headers = MetadataMap::new();
-        for (k, v) in &cfg.headers {
+        for (k, v) in &all {
             let key = MetadataKey::from_bytes(k.as_bytes()).map_err(|_| ExporterError::Header {
                 key: k.clone(),
                 what: "key",
             })?;
-            let value: MetadataValue<_> = v.parse().map_err(|_| ExporterError::Header {
+            let mut value: MetadataValue<_> = v.parse().map_err(|_| ExporterError::Header {
                 key: k.clone(),
                 what: "value",
             })?;
+            // Debug output of the map shows "Sensitive", not the secret.
+            value.set_sensitive(true);
             headers.insert(key, value);
         }
         Ok(Upstream {

@@ -38,6 +38,10 @@ pub enum Refusal {
     Invalid,
     /// The payload is over `receiver.max_request_bytes`.
     TooLarge,
+    /// The body did not arrive within `receiver.body_timeout`.
+    Timeout,
+    /// No bearer token, or not a configured one (`receiver.auth.token_file`).
+    Unauthenticated,
 }
 
 impl Refusal {
@@ -48,6 +52,8 @@ impl Refusal {
             Refusal::ShuttingDown => "refused_shutting_down",
             Refusal::Invalid => "invalid",
             Refusal::TooLarge => "too_large",
+            Refusal::Timeout => "timeout",
+            Refusal::Unauthenticated => "unauthenticated",
         }
     }
 }

@@ -458,8 +458,10 @@ async fn a_request_in_flight_when_shutdown_begins_gets_503_with_retry_after() {
     .await;
     let addr = agent.http_addr();
     let body = ExportRequest::build(Signal::Traces, &fresh_ids(3)).encode_to_bytes();
-    let held =
-        ok(HeldRequest::start(addr, "/v1/traces", &[("Content-Type", PROTOBUF)], &body, 4).await);
+    let headers = [("Content-Type", PROTOBUF), ("Expect", "100-continue")];
+    let mut held = ok(HeldRequest::start(addr, "/v1/traces", &headers, &body, 4).await);
+    // The request is in flight (not merely sent) when the signal arrives.
+    ok(held.wait_continue().await);
 
     agent.signal(UnixSignal::SIGTERM);
     // The listener closes right after the receiver stops accepting: once a new

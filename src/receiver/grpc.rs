@@ -41,12 +41,10 @@ pub fn router(receiver: Arc<Receiver>) -> Router {
 }
 
 async fn export(receiver: &Receiver, signal: Signal, headers: &HeaderMap, body: Body) -> Response {
-    let payload = match read_message(receiver.max_request_bytes(), headers, body).await {
+    let payload = match read_message(receiver, headers, body).await {
         Ok(payload) => payload,
         Err(e) => {
-            receiver
-                .metrics()
-                .refused(signal, crate::metrics::Refusal::Invalid, 0, 0);
+            receiver.refused(signal, &e, 0);
             return e.to_status().into_http();
         }
     };
@@ -57,11 +55,16 @@ async fn export(receiver: &Receiver, signal: Signal, headers: &HeaderMap, body: 
 }
 
 /// Read the one message of a unary call, bounded by `limit` bytes.
-async fn read_message(limit: u64, headers: &HeaderMap, body: Body) -> Result<Bytes, IngestError> {
+async fn read_message(
+    receiver: &Receiver,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, IngestError> {
+    let limit = receiver.max_request_bytes();
     // A compressed message may be larger than its decompressed form only by a
     // little; allow some slack on the wire and bound the decompressed size exactly.
     let wire_limit = (limit as usize).saturating_add(PREFIX + 1024);
-    let frame = axum::body::to_bytes(body, wire_limit).await.map_err(|e| {
+    let frame = receiver.read_body(body, wire_limit).await?.map_err(|e| {
         if is_length_limit(&e) {
             IngestError::TooLarge {
                 size: wire_limit as u64,

@@ -36,6 +36,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use prost::Message;
 
+use super::auth;
 use super::otlp_json;
 use super::{gunzip, IngestError, Receiver};
 use crate::config::CorsConfig;
@@ -52,7 +53,13 @@ enum Encoding {
 }
 
 /// Routes for the three OTLP/HTTP export paths, with CORS when configured.
-pub fn router(receiver: Arc<Receiver>, cors: &CorsConfig) -> Router {
+/// With `tokens`, every OTLP request needs a bearer token (see [`super::auth`]);
+/// CORS preflights are answered before that check.
+pub fn router(
+    receiver: Arc<Receiver>,
+    cors: &CorsConfig,
+    tokens: Option<Arc<auth::Tokens>>,
+) -> Router {
     let allow: &'static str = match cors.enabled() {
         true => "POST, OPTIONS",
         false => "POST",
@@ -92,6 +99,9 @@ pub fn router(receiver: Arc<Receiver>, cors: &CorsConfig) -> Router {
             ),
         )
     });
+    if let Some(tokens) = tokens {
+        router = auth::require_token(router, tokens, receiver, auth::Protocol::Http);
+    }
     if cors.enabled() {
         let cors = Arc::new(cors.clone());
         router = router.layer(middleware::from_fn_with_state(cors, cors_middleware));
@@ -107,15 +117,7 @@ async fn export(receiver: &Receiver, signal: Signal, headers: &HeaderMap, body: 
             return error_response(Encoding::Json, &e);
         }
     };
-    let payload = match read_payload(
-        receiver.max_request_bytes(),
-        signal,
-        encoding,
-        headers,
-        body,
-    )
-    .await
-    {
+    let payload = match read_payload(receiver, signal, encoding, headers, body).await {
         Ok(payload) => payload,
         Err((e, bytes)) => {
             receiver.refused(signal, &e, bytes);
@@ -149,12 +151,13 @@ fn content_type(headers: &HeaderMap) -> Result<Encoding, IngestError> {
 /// Read, decompress and (for JSON) convert the body to protobuf bytes.
 /// On error, also the number of bytes read, for the refusal counter.
 async fn read_payload(
-    limit: u64,
+    receiver: &Receiver,
     signal: Signal,
     encoding: Encoding,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Bytes, (IngestError, u64)> {
+    let limit = receiver.max_request_bytes();
     let gzip = is_gzip(headers).map_err(|e| (e, 0))?;
     // gzip output is bounded exactly by `gunzip`; its input may exceed the
     // output by a little (stored blocks of incompressible data).
@@ -169,8 +172,10 @@ async fn read_payload(
     if let Some(size) = declared.filter(|size| *size > wire_limit) {
         return Err((IngestError::TooLarge { size, limit }, 0));
     }
-    let raw = axum::body::to_bytes(body, usize::try_from(wire_limit).unwrap_or(usize::MAX))
+    let raw = receiver
+        .read_body(body, usize::try_from(wire_limit).unwrap_or(usize::MAX))
         .await
+        .map_err(|e| (e, 0))?
         .map_err(|e| {
             let error = match super::grpc::is_length_limit(&e) {
                 true => IngestError::TooLarge {
@@ -222,6 +227,12 @@ fn ok_response(encoding: Encoding) -> Response {
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
+}
+
+/// The answer to a request refused before its body was read, in the
+/// request's encoding (JSON when the content type is unknown).
+pub(super) fn refusal_response(headers: &HeaderMap, e: &IngestError) -> Response {
+    error_response(content_type(headers).unwrap_or(Encoding::Json), e)
 }
 
 /// The answer to a refused request, from the one mapping in `receiver/mod.rs`.

@@ -5,6 +5,8 @@
 //! status in exactly one place ([`IngestError::to_status`]) and to an HTTP
 //! status right beside it ([`IngestError::to_http`]).
 
+pub mod auth;
+pub mod connections;
 pub mod grpc;
 pub mod http;
 pub mod otlp_json;
@@ -41,6 +43,14 @@ pub enum IngestError {
     /// The body is not a usable frame or compressed stream.
     #[error("{0}")]
     BadEncoding(String),
+    /// The body did not arrive within `receiver.body_timeout` (a slow or
+    /// stalled client); the client may retry.
+    #[error("request body not received within {0:?} (receiver.body_timeout)")]
+    BodyTimeout(Duration),
+    /// `receiver.auth.token_file` is set and the request has no bearer token
+    /// or not one of the configured ones. The token is never part of the message.
+    #[error("missing or invalid bearer token (Authorization: Bearer ...)")]
+    Unauthenticated,
     /// The compression is not one this receiver speaks.
     #[error("unsupported compression {0:?}: use gzip or none")]
     UnsupportedEncoding(String),
@@ -77,6 +87,8 @@ impl IngestError {
                 retryable(msg, *retry_after)
             }
             IngestError::ShuttingDown => retryable(msg, SHUTDOWN_RETRY_AFTER),
+            IngestError::BodyTimeout(_) => tonic::Status::new(Code::DeadlineExceeded, msg),
+            IngestError::Unauthenticated => tonic::Status::new(Code::Unauthenticated, msg),
         }
     }
 
@@ -100,6 +112,8 @@ impl IngestError {
             IngestError::ShuttingDown | IngestError::SpoolFull { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            IngestError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            IngestError::Unauthenticated => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -125,6 +139,8 @@ impl IngestError {
             IngestError::BufferFull { .. } => Refusal::BufferFull,
             IngestError::ShuttingDown => Refusal::ShuttingDown,
             IngestError::SpoolFull { .. } => Refusal::SpoolFull,
+            IngestError::BodyTimeout(_) => Refusal::Timeout,
+            IngestError::Unauthenticated => Refusal::Unauthenticated,
         }
     }
 }
@@ -142,6 +158,8 @@ pub struct Receiver {
     pipeline: Arc<Pipeline>,
     metrics: Arc<Metrics>,
     max_request_bytes: u64,
+    /// `receiver.body_timeout`: deadline for reading one request body.
+    body_timeout: Duration,
 }
 
 impl Receiver {
@@ -149,16 +167,30 @@ impl Receiver {
         pipeline: Arc<Pipeline>,
         metrics: Arc<Metrics>,
         max_request_bytes: u64,
+        body_timeout: Duration,
     ) -> Arc<Receiver> {
         Arc::new(Receiver {
             pipeline,
             metrics,
             max_request_bytes,
+            body_timeout,
         })
     }
 
     pub fn max_request_bytes(&self) -> u64 {
         self.max_request_bytes
+    }
+
+    /// Read a whole request body within `receiver.body_timeout`, bounded by
+    /// `limit` bytes (`to_bytes`' error says when the limit was hit).
+    pub async fn read_body(
+        &self,
+        body: axum::body::Body,
+        limit: usize,
+    ) -> Result<Result<Bytes, axum::Error>, IngestError> {
+        tokio::time::timeout(self.body_timeout, axum::body::to_bytes(body, limit))
+            .await
+            .map_err(|_| IngestError::BodyTimeout(self.body_timeout))
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

@@ -193,6 +193,10 @@ pub enum SpoolError {
         dir: PathBuf,
         source: std::io::Error,
     },
+    /// The spool's directory is writable by every user: another user could
+    /// replace or link the spool, lock or WAL files. Checked at start.
+    #[error("spool directory {dir} is world-writable (mode {mode:o}); another user could replace the spool. Run `chmod o-w {dir}` or set spool.path to a directory only telespool can write")]
+    InsecureDirectory { dir: PathBuf, mode: u32 },
     /// A spool file (database, lock file, quarantine rename) cannot be created,
     /// opened, renamed or chmod-ed.
     #[error("cannot {action} {path}: {source}; set spool.path to a writable location or fix the file's owner")]

@@ -70,7 +70,8 @@ pub(super) fn lock(path: &Path) -> Result<SpoolLock, SpoolError> {
     }
 }
 
-/// Creates the spool's directory (0700) if it is missing.
+/// Creates the spool's directory (0700) if it is missing; refuses an existing
+/// one that every user can write to (sticky bit or not).
 pub(super) fn ensure_dir(path: &Path) -> Result<(), SpoolError> {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
@@ -81,7 +82,13 @@ pub(super) fn ensure_dir(path: &Path) -> Result<(), SpoolError> {
         source,
     };
     match fs::metadata(dir) {
-        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(meta) if meta.is_dir() => match meta.permissions().mode() & 0o7777 {
+            mode if mode & 0o002 != 0 => Err(SpoolError::InsecureDirectory {
+                dir: dir.to_owned(),
+                mode,
+            }),
+            _ => Ok(()),
+        },
         Ok(_) => Err(dir_err(io::Error::new(
             io::ErrorKind::NotADirectory,
             "it exists and is not a directory",

@@ -158,6 +158,35 @@ impl HeldRequest {
         Ok(HeldRequest { stream, rest })
     }
 
+    /// For a request sent with `Expect: 100-continue`: waits for the server's
+    /// `100 Continue`, which proves its handler is reading the body (the
+    /// request is in flight), and consumes it.
+    pub async fn wait_continue(&mut self) -> Result<(), String> {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        let read = async {
+            // Bounded: a head over 1 KiB is not a `100 Continue`.
+            while !head.ends_with(b"\r\n\r\n") && head.len() < 1024 {
+                if self.stream.read(&mut byte).await? == 0 {
+                    break;
+                }
+                head.push(byte[0]);
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        tokio::time::timeout(REQUEST_DEADLINE, read)
+            .await
+            .map_err(|_| "held request: no 100 Continue".to_owned())?
+            .map_err(|e| format!("held request: {e}"))?;
+        match head.starts_with(b"HTTP/1.1 100") {
+            true => Ok(()),
+            false => Err(format!(
+                "held request: expected 100 Continue, got {:?}",
+                String::from_utf8_lossy(&head)
+            )),
+        }
+    }
+
     /// Sends the held bytes and reads the answer.
     pub async fn finish(self) -> Result<HttpReply, String> {
         let raw = tokio::time::timeout(REQUEST_DEADLINE, exchange(self.stream, self.rest))

@@ -1,0 +1,249 @@
+//! Receiver limits through the real binary: the body deadline cuts off clients
+//! that trickle bytes (HTTP 408, gRPC DEADLINE_EXCEEDED) while others are
+//! served, and the per-listener connection limit holds under a burst.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::client::Client;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+async fn agent(upstream: &Upstream, config: &str) -> AgentProcess {
+    ok(AgentProcess::builder()
+        .upstream(&upstream.endpoint())
+        .config_toml(config)
+        .start()
+        .await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_http_body_is_cut_off_with_408_at_the_deadline_while_another_client_is_served() {
+    let upstream = Upstream::start().await;
+    let agent = agent(&upstream, "[receiver]\nbody_timeout = \"1s\"\n").await;
+    let addr = agent.http_addr();
+
+    let stream = ok(TcpStream::connect(addr).await);
+    let (mut reader, mut writer) = stream.into_split();
+    let head = format!(
+        "POST /v1/traces HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-protobuf\r\nContent-Length: 1000\r\n\r\n"
+    );
+    let started = Instant::now();
+    ok(writer.write_all(head.as_bytes()).await);
+    let trickle = tokio::spawn(async move {
+        // One byte every 100 ms: 1000 bytes would take 100 s. Bounded: 100 rounds.
+        for _ in 0..100 {
+            if writer.write_all(&[0x0a]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+
+    // Another client is served meanwhile.
+    let ids = fresh_ids(20);
+    ok(Client::new(agent.grpc_addr())
+        .export(Signal::Traces, &ids)
+        .await);
+    ok(upstream
+        .wait_for_ids(Signal::Traces, &id_set(&ids), DEADLINE)
+        .await);
+
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, reader.read_to_end(&mut answer)).await;
+    let elapsed = started.elapsed();
+    trickle.abort();
+    assert!(
+        read.is_ok(),
+        "the slow client was not cut off within {DEADLINE:?}"
+    );
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "answer: {text:?}");
+    assert!(
+        text.contains("body_timeout"),
+        "answer names the key: {text:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(10),
+        "cut off after {elapsed:?}, expected about 1s"
+    );
+    let refused = ok(agent
+        .metric("telespool_received_requests_total{signal=\"traces\",outcome=\"timeout\"}")
+        .await);
+    assert_eq!(refused, Some(1.0), "the timeout is counted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_grpc_body_is_cut_off_with_deadline_exceeded() {
+    let upstream = Upstream::start().await;
+    let agent = agent(&upstream, "[receiver]\nbody_timeout = \"1s\"\n").await;
+
+    let stream = ok(TcpStream::connect(agent.grpc_addr()).await);
+    let (mut sender, connection) =
+        ok(hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await);
+    tokio::spawn(connection);
+    let (body_tx, body_rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+    let body = StreamBody::new(Box::pin(tokio_stream_from(body_rx)));
+    let request = ok(::http::Request::post(format!(
+        "http://{}{}",
+        agent.grpc_addr(),
+        Signal::Traces.grpc_path()
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(body));
+    // A prefix announcing 100 bytes, then only 10 of them; the rest never comes.
+    ok(body_tx
+        .send(Ok(Frame::data(Bytes::from_static(&[0, 0, 0, 0, 100]))))
+        .await);
+    ok(body_tx
+        .send(Ok(Frame::data(Bytes::from(vec![0u8; 10]))))
+        .await);
+    let started = Instant::now();
+    let response = ok(tokio::time::timeout(DEADLINE, sender.send_request(request)).await);
+    let response = ok(response);
+    let elapsed = started.elapsed();
+    let status = response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let status = match status {
+        Some(status) => status,
+        None => {
+            let trailers = ok(tokio::time::timeout(DEADLINE, response.into_body().collect()).await);
+            ok(trailers)
+                .trailers()
+                .and_then(|t| t.get("grpc-status"))
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none")
+                .to_owned()
+        }
+    };
+    assert_eq!(status, "4", "DEADLINE_EXCEEDED");
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(10),
+        "cut off after {elapsed:?}, expected about 1s"
+    );
+    drop(body_tx);
+}
+
+/// A `Stream` over an mpsc receiver (no tokio-stream dependency).
+fn tokio_stream_from<T>(rx: tokio::sync::mpsc::Receiver<T>) -> impl futures::Stream<Item = T> {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
+}
+
+/// One client connection that sends its headers with `Expect: 100-continue`
+/// and withholds the body: it is "served" once the agent asks for the body.
+struct Held {
+    continued: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Held {
+    async fn open(addr: std::net::SocketAddr) -> Held {
+        let mut stream = ok(TcpStream::connect(addr).await);
+        let head = format!(
+            "POST /v1/logs HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-protobuf\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n"
+        );
+        ok(stream.write_all(head.as_bytes()).await);
+        let continued = Arc::new(AtomicBool::new(false));
+        let flag = continued.clone();
+        let task = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 256];
+            // Bounded: ends at EOF or error; aborted by the test otherwise.
+            while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                seen.extend_from_slice(&buf[..n]);
+                if String::from_utf8_lossy(&seen).contains("100 Continue") {
+                    flag.store(true, Ordering::Release);
+                }
+            }
+            // Hold the connection open until aborted.
+            std::future::pending::<()>().await;
+        });
+        Held { continued, task }
+    }
+
+    fn served(&self) -> bool {
+        self.continued.load(Ordering::Acquire)
+    }
+}
+
+fn served(held: &[Held]) -> usize {
+    held.iter().filter(|h| h.served()).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connection_limit_holds_under_a_burst_and_waiting_clients_are_served_when_one_closes() {
+    let upstream = Upstream::start().await;
+    let agent = agent(
+        &upstream,
+        "[receiver]\nmax_connections = 3\nbody_timeout = \"30s\"\n",
+    )
+    .await;
+    let addr = agent.http_addr();
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(Held::open(addr).await);
+    }
+    ok(eventually("3 connections served", DEADLINE, || async {
+        (served(&held) >= 3).then_some(())
+    })
+    .await);
+    // Give the agent every chance to serve more than its limit.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        served(&held),
+        3,
+        "at most max_connections are served at once"
+    );
+
+    // Closing the served connections lets the waiting ones in, 3 at a time.
+    let (first, mut waiting): (Vec<Held>, Vec<Held>) = held.into_iter().partition(Held::served);
+    for h in first {
+        h.task.abort();
+    }
+    ok(eventually("3 more connections served", DEADLINE, || async {
+        (served(&waiting) >= 3).then_some(())
+    })
+    .await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(served(&waiting), 3, "still at most max_connections");
+    for h in waiting.drain(..) {
+        h.task.abort();
+    }
+    // The gRPC listener has its own limit and serves meanwhile.
+    let ids = fresh_ids(5);
+    ok(Client::new(agent.grpc_addr())
+        .export(Signal::Logs, &ids)
+        .await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connection_that_sends_nothing_is_closed_after_the_idle_timeout() {
+    let upstream = Upstream::start().await;
+    let agent = agent(&upstream, "[receiver]\nidle_timeout = \"500ms\"\n").await;
+    for addr in [agent.grpc_addr(), agent.http_addr()] {
+        let mut stream = ok(TcpStream::connect(addr).await);
+        let started = Instant::now();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "idle connection to {addr} not closed");
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "closed after {:?}, before the idle timeout",
+            started.elapsed()
+        );
+    }
+}
