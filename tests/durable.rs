@@ -42,6 +42,13 @@ async fn sigkill_at_random_points_under_load_loses_nothing_acknowledged_in_durab
     }
     let report = sender.stop().await;
     assert!(report.acknowledged.len() > 200);
+    // Nothing half-written after four kills: SQLite's own check passes.
+    let db = ok(rusqlite::Connection::open_with_flags(
+        agent.spool_path(),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    ));
+    let check: String = ok(db.query_row("PRAGMA integrity_check", [], |r| r.get(0)));
+    assert_eq!(check, "ok");
     ok(upstream
         .wait_for_ids(Signal::Traces, &report.acknowledged, DEADLINE)
         .await);
