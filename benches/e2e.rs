@@ -99,6 +99,10 @@ const SCENARIOS: &[(&str, &str)] = &[
         "typical at a capped rate; the sink is down for a stretch, then back",
     ),
     (
+        "soak",
+        "10,000 spans/s for 3 minutes (30 s quick); the sink is down every other 15 s (5 s quick); not in the default set",
+    ),
+    (
         "overload",
         "32 clients of 1000-span requests into a stalled sink; buffer.max_bytes = 64MiB",
     ),
@@ -621,6 +625,16 @@ fn scenario_spec(name: &str, quick: bool) -> LoadSpec {
                 ..spec(Signal::Traces, 100, 200)
             }
         }
+        "soak" => {
+            let secs: usize = if quick { 30 } else { 180 };
+            LoadSpec {
+                concurrency: 4,
+                requests: 100 * secs,
+                duration: Duration::from_secs(secs as u64),
+                rate: Some(100.0),
+                ..spec(Signal::Traces, 100, 200)
+            }
+        }
         "overload" => LoadSpec {
             concurrency: 32,
             // Bounded by time (the stall) more than by count.
@@ -745,6 +759,59 @@ async fn outage_schedule(upstream: &Upstream, down: Duration, up: Duration) {
     upstream.restart().await;
 }
 
+/// Down and up in turns of `turn`, starting up, until `total` has passed.
+async fn flapping_schedule(upstream: &Upstream, turn: Duration, total: Duration) {
+    let started = Instant::now();
+    let mut up = true;
+    while started.elapsed() + turn <= total {
+        tokio::time::sleep(turn).await;
+        if up {
+            eprintln!("[e2e] soak: stopping the sink");
+            upstream.stop().await;
+        } else {
+            eprintln!("[e2e] soak: restarting the sink");
+            upstream.restart().await;
+        }
+        up = !up;
+    }
+    if !up {
+        upstream.restart().await;
+    }
+}
+
+/// A bounded soak: steady load with the sink down half the time, through
+/// telespool only (a client straight to a flapping sink loses data by design).
+async fn soak(options: &Options, spec: &LoadSpec, bodies: &Arc<Bodies>) -> Result<Row, String> {
+    let turn = if options.quick {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(15)
+    };
+    let upstream = Upstream::start().await;
+    let sink = Sink::Full(upstream);
+    let Sink::Full(u) = &sink else { unreachable!() };
+    sink.clear();
+    let config = agent_config("gzip", "[upstream.retry]\nmax_backoff = \"2s\"\n");
+    let tele = through_telespool(
+        options,
+        &sink,
+        &config,
+        spec,
+        bodies,
+        flapping_schedule(u, turn, spec.duration),
+    )
+    .await?;
+    Ok(Row {
+        scenario: "soak".into(),
+        base: Figures::default(),
+        tele,
+        notes: vec![format!(
+            "sink down every other {turn:?}; the agent's summary line gives items spooled and replayed"
+        )],
+        rss_bound: None,
+    })
+}
+
 async fn outage(options: &Options, spec: &LoadSpec, bodies: &Arc<Bodies>) -> Result<Row, String> {
     let down = spec.duration / 4;
     let up = spec.duration * 2 / 3;
@@ -862,7 +929,7 @@ async fn overload(options: &Options, spec: &LoadSpec, bodies: &Arc<Bodies>) -> R
 
 async fn run_scenario(options: &Options, name: &str) -> Result<Vec<Row>, String> {
     let mut spec = scenario_spec(name, options.quick);
-    if !matches!(name, "outage" | "overload") {
+    if !matches!(name, "outage" | "overload" | "soak") {
         spec = apply(spec, &options.overrides);
     }
     let bodies = build_bodies(&spec);
@@ -874,6 +941,7 @@ async fn run_scenario(options: &Options, name: &str) -> Result<Vec<Row>, String>
         let row = match name {
             "sink" => sink_calibration(&spec, &bodies).await,
             "outage" => outage(options, &spec, &bodies).await?,
+            "soak" => soak(options, &spec, &bodies).await?,
             "overload" => overload(options, &spec, &bodies).await?,
             _ => throughput(options, name, &spec, &bodies).await?,
         };
@@ -937,7 +1005,12 @@ fn summary_line(rows: &[Row]) -> String {
 
 async fn run_all(options: &Options) -> Result<(), String> {
     let names: Vec<String> = if options.scenarios.is_empty() {
-        SCENARIOS.iter().map(|(n, _)| (*n).to_owned()).collect()
+        // The soak takes minutes: only when asked for by name.
+        SCENARIOS
+            .iter()
+            .filter(|(n, _)| *n != "soak")
+            .map(|(n, _)| (*n).to_owned())
+            .collect()
     } else {
         options.scenarios.clone()
     };
