@@ -114,6 +114,9 @@ pub struct Metrics {
     pub spool_items: Family<SignalLabel, Gauge>,
     pub spool_oldest_age_seconds: Gauge,
     pub upstream_up: Gauge,
+    /// Unix time (seconds) of the first failure of the current failing
+    /// stretch; 0 while upstream is up.
+    pub upstream_failing_since: Gauge,
     /// Items whose export was in flight when shutdown cut it: they are spooled
     /// and may reach upstream twice.
     pub duplicates_risked: AtomicU64,
@@ -146,6 +149,7 @@ impl Metrics {
             spool_items: Family::default(),
             spool_oldest_age_seconds: Gauge::default(),
             upstream_up: Gauge::default(),
+            upstream_failing_since: Gauge::default(),
             duplicates_risked: AtomicU64::new(0),
         }
     }
@@ -239,6 +243,11 @@ impl Metrics {
             "upstream_up",
             "1 while the last upstream export succeeded",
             m.upstream_up.clone(),
+        );
+        r.register(
+            "upstream_failing_since_seconds",
+            "Unix time upstream started failing; 0 while it is up",
+            m.upstream_failing_since.clone(),
         );
         r
     }

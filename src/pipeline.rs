@@ -727,5 +727,14 @@ impl Pipeline {
             .map(|ms| (crate::batch::unix_ms(std::time::SystemTime::now()) - ms).max(0) / 1000)
             .unwrap_or(0);
         m.spool_oldest_age_seconds.set(age);
+        if let Some(upstream) = &self.upstream {
+            let health = upstream.health().snapshot();
+            let since = health
+                .failing_since
+                .map(|t| crate::batch::unix_ms(t) / 1000)
+                .unwrap_or(0);
+            m.upstream_failing_since.set(since);
+            m.upstream_up.set(i64::from(health.up));
+        }
     }
 }

@@ -57,6 +57,12 @@ async fn upstream_down_mid_load_spills_to_the_spool_and_every_acknowledged_id_ar
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let failing_since = metric(&agent, "telespool_upstream_failing_since_seconds").await;
+    assert!(
+        failing_since > 1.7e9,
+        "the failing stretch has a start time: {failing_since}"
+    );
+    assert_eq!(metric(&agent, "telespool_upstream_up").await, 0.0);
     let during = sender.acknowledged_count();
     ok(sender.wait_acknowledged(during + 2000, DEADLINE).await);
     peak = peak.max(metric(&agent, "telespool_buffered_bytes").await);
@@ -75,6 +81,14 @@ async fn upstream_down_mid_load_spills_to_the_spool_and_every_acknowledged_id_ar
     })
     .await);
     assert!(metric(&agent, "telespool_replayed_items_total{signal=\"traces\"}").await > 0.0);
+    assert_eq!(
+        metric(&agent, "telespool_upstream_failing_since_seconds").await,
+        0.0
+    );
+    assert!(
+        agent.stderr().contains("upstream is failing")
+            && agent.stderr().contains("upstream is up again")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
