@@ -605,6 +605,10 @@ impl Pipeline {
                     let id = row.id;
                     let batch = self.batch_from_row(row);
                     self.deliver(batch, &force).await;
+                    // Release the claim under the claim lock: a worker that read
+                    // this row before its delete committed must still find it
+                    // claimed, or it would export the row a second time.
+                    let _guard = self.claim_or_evict.lock().await;
                     if let Ok(mut claims) = self.replay.lock() {
                         claims.in_flight.remove(&id);
                     }
