@@ -495,6 +495,13 @@ where
     let cpu1 = procfs::cpu_time(pid, ticks)?;
     let peak_rss = procfs::status_bytes(pid, "VmHWM")?;
     let summary = stop_agent(&mut agent).await;
+    // SQLite reuses freed pages and never shrinks the file: its size after the
+    // run is the spool's high-water mark.
+    let spool_bytes = std::fs::metadata(agent.spool_path()).map_or(0, |m| m.len());
+    let summary = format!(
+        "{summary}\n              spool file high-water mark: {:.1} MiB",
+        spool_bytes as f64 / MIB
+    );
     let (items_s, mb_s) = rates(&report, started, delivered_at);
     let cpu = (cpu1 - cpu0).as_secs_f64();
     Ok(Figures {
