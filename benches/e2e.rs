@@ -87,6 +87,10 @@ const SCENARIOS: &[(&str, &str)] = &[
         "typical, with upstream.compression = \"none\"",
     ),
     (
+        "typical-http",
+        "typical over OTLP/HTTP (protobuf) into telespool; the baseline sends the same bodies over gRPC (the sink speaks gRPC only)",
+    ),
+    (
         "durable-normal",
         "typical, durability = \"spool\", spool.synchronous = \"normal\"",
     ),
@@ -428,7 +432,12 @@ fn rates(report: &LoadReport, started: Instant, delivered_at: Option<Instant>) -
 async fn baseline(sink: &Sink, spec: &LoadSpec, bodies: &Arc<Bodies>) -> Figures {
     sink.clear();
     let started = Instant::now();
-    let report = load::run(sink.addr(), spec, bodies.clone()).await;
+    // The sinks speak OTLP/gRPC only: the baseline always sends over gRPC.
+    let grpc_spec = LoadSpec {
+        http: false,
+        ..spec.clone()
+    };
+    let report = load::run(sink.addr(), &grpc_spec, bodies.clone()).await;
     let delivered_at = wait_delivered(sink, spec.signal, report.acked_items).await;
     let (items_s, mb_s) = rates(&report, started, delivered_at);
     Figures {
@@ -490,7 +499,12 @@ where
     let ticks = procfs::clock_ticks();
     let cpu0 = procfs::cpu_time(pid, ticks)?;
     let started = Instant::now();
-    let (report, ()) = tokio::join!(load::run(agent.grpc_addr(), spec, bodies.clone()), during);
+    let addr = if spec.http {
+        agent.http_addr()
+    } else {
+        agent.grpc_addr()
+    };
+    let (report, ()) = tokio::join!(load::run(addr, spec, bodies.clone()), during);
     let delivered_at = wait_delivered(sink, spec.signal, report.acked_items).await;
     let cpu1 = procfs::cpu_time(pid, ticks)?;
     let peak_rss = procfs::status_bytes(pid, "VmHWM")?;
@@ -615,6 +629,7 @@ fn scenario_spec(name: &str, quick: bool) -> LoadSpec {
         requests: items_per_run / items,
         duration,
         rate: None,
+        http: false,
     };
     match name {
         "small" => spec(Signal::Traces, 10, 0),
@@ -648,6 +663,10 @@ fn scenario_spec(name: &str, quick: bool) -> LoadSpec {
             requests: if quick { 500 } else { 1_200 },
             duration: Duration::from_secs(if quick { 5 } else { 8 }),
             ..spec(Signal::Traces, 1000, 200)
+        },
+        "typical-http" => LoadSpec {
+            http: true,
+            ..spec(Signal::Traces, 100, 200)
         },
         // "typical", "typical-nogzip", "sink"
         _ => spec(Signal::Traces, 100, 200),

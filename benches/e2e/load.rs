@@ -44,6 +44,83 @@ pub struct LoadSpec {
     pub duration: Duration,
     /// Requests per second over all clients; `None`: as fast as answered.
     pub rate: Option<f64>,
+    /// OTLP/gRPC, or OTLP/HTTP with protobuf bodies.
+    pub http: bool,
+}
+
+/// One client connection: gRPC over a tonic channel, or HTTP/1.1 keep-alive.
+enum Client {
+    Grpc(tonic::client::Grpc<Channel>, PathAndQuery),
+    Http {
+        addr: SocketAddr,
+        path: &'static str,
+        conn: Option<hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>>,
+    },
+}
+
+impl Client {
+    fn new(addr: SocketAddr, signal: Signal, http: bool) -> Client {
+        match http {
+            false => Client::Grpc(
+                tonic::client::Grpc::new(channel(addr)),
+                PathAndQuery::from_static(signal.grpc_path()),
+            ),
+            true => Client::Http {
+                addr,
+                path: signal.http_path(),
+                conn: None,
+            },
+        }
+    }
+
+    /// One export; `Err` carries the gRPC code (HTTP statuses mapped to one).
+    async fn export(&mut self, body: Bytes) -> Result<(), Code> {
+        match self {
+            Client::Grpc(grpc, path) => {
+                grpc.ready().await.map_err(|_| Code::Unavailable)?;
+                grpc.unary(Request::new(body), path.clone(), RawCodec)
+                    .await
+                    .map(|_: tonic::Response<Bytes>| ())
+                    .map_err(|s| s.code())
+            }
+            Client::Http { addr, path, conn } => {
+                if conn.as_ref().is_none_or(|c| c.is_closed()) {
+                    let stream = tokio::net::TcpStream::connect(*addr)
+                        .await
+                        .map_err(|_| Code::Unavailable)?;
+                    let _ = stream.set_nodelay(true);
+                    let (send, connection) =
+                        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                            .await
+                            .map_err(|_| Code::Unavailable)?;
+                    tokio::spawn(connection);
+                    *conn = Some(send);
+                }
+                let Some(send) = conn.as_mut() else {
+                    return Err(Code::Unavailable);
+                };
+                send.ready().await.map_err(|_| Code::Unavailable)?;
+                let request = hyper::Request::post(*path)
+                    .header("host", addr.to_string())
+                    .header("content-type", "application/x-protobuf")
+                    .body(http_body_util::Full::new(body))
+                    .map_err(|_| Code::Internal)?;
+                let response = tokio::time::timeout(CALL_TIMEOUT, send.send_request(request))
+                    .await
+                    .map_err(|_| Code::DeadlineExceeded)?
+                    .map_err(|_| Code::Unavailable)?;
+                let status = response.status().as_u16();
+                // Read the (tiny) body so the connection can be reused.
+                let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+                match status {
+                    200 => Ok(()),
+                    429 | 502 | 503 | 504 => Err(Code::Unavailable),
+                    413 => Err(Code::ResourceExhausted),
+                    _ => Err(Code::InvalidArgument),
+                }
+            }
+        }
+    }
 }
 
 /// Pre-encoded request bodies.
@@ -147,16 +224,15 @@ pub async fn run(addr: SocketAddr, spec: &LoadSpec, bodies: Arc<Bodies>) -> Load
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let limit = spec.requests.min(bodies.bodies.len());
-    let path = PathAndQuery::from_static(bodies.signal.grpc_path());
+    let (signal, http) = (bodies.signal, spec.http);
     let tasks: Vec<_> = (0..spec.concurrency.max(1))
         .map(|_| {
             let next = next.clone();
             let bodies = bodies.clone();
-            let path = path.clone();
             let duration = spec.duration;
             let rate = spec.rate;
             tokio::spawn(async move {
-                let mut grpc = tonic::client::Grpc::new(channel(addr));
+                let mut client = Client::new(addr, signal, http);
                 let mut w = WorkerReport::default();
                 loop {
                     if started.elapsed() >= duration {
@@ -175,27 +251,16 @@ pub async fn run(addr: SocketAddr, spec: &LoadSpec, bodies: Arc<Bodies>) -> Load
                     }
                     let t0 = Instant::now();
                     w.calls += 1;
-                    let result = match grpc.ready().await {
-                        Ok(()) => grpc
-                            .unary(
-                                Request::new(bodies.bodies[j].clone()),
-                                path.clone(),
-                                RawCodec,
-                            )
-                            .await
-                            .map(|_| ()),
-                        Err(e) => Err(tonic::Status::unavailable(format!("not ready: {e}"))),
-                    };
+                    let result = client.export(bodies.bodies[j].clone()).await;
                     match result {
                         Ok(()) => {
                             let us = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
                             w.latencies_us.push(us);
                             w.acked.push(j);
                         }
-                        Err(status) => match w.errors.iter_mut().find(|(c, _)| *c == status.code())
-                        {
+                        Err(code) => match w.errors.iter_mut().find(|(c, _)| *c == code) {
                             Some((_, n)) => *n += 1,
-                            None => w.errors.push((status.code(), 1)),
+                            None => w.errors.push((code, 1)),
                         },
                     }
                 }
