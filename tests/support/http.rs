@@ -13,21 +13,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use opentelemetry::logs::{LogRecord as _, Logger as _, LoggerProvider as _, Severity};
-use opentelemetry::metrics::MeterProvider as _;
-use opentelemetry::trace::{Span as _, Tracer as _, TracerProvider as _};
-use opentelemetry::KeyValue;
 use opentelemetry_otlp::{Compression, Protocol, WithExportConfig, WithHttpConfig};
-use opentelemetry_sdk::logs::SdkLoggerProvider;
-use opentelemetry_sdk::metrics::{
-    Instrument, PeriodicReader, SdkMeterProvider, Stream, Temporality,
-};
-use opentelemetry_sdk::trace::SdkTracerProvider;
-use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::Temporality;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::ids::ID_KEY;
 use super::Signal;
 
 /// How long one raw request may take, connect to last byte.
@@ -270,12 +260,6 @@ impl HttpSdkOptions {
 
 const SDK_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn resource() -> Resource {
-    Resource::builder()
-        .with_service_name("telespool-sdk-http-test")
-        .build()
-}
-
 fn sdk_err(what: &str, e: impl std::fmt::Display) -> String {
     format!("OpenTelemetry SDK {what}: {e}")
 }
@@ -296,21 +280,6 @@ pub async fn emit_http(
     }
 }
 
-async fn flush_and_shutdown(
-    what: &'static str,
-    flush: impl FnOnce() -> Result<(), String> + Send + 'static,
-    shutdown: impl FnOnce() -> Result<(), String> + Send + 'static,
-) -> Result<(), String> {
-    tokio::task::spawn_blocking(move || {
-        let flushed = flush();
-        let shut = shutdown();
-        flushed.map_err(|e| format!("{what} force_flush: {e}"))?;
-        shut.map_err(|e| format!("{what} shutdown: {e}"))
-    })
-    .await
-    .map_err(|e| format!("{what} flush thread: {e}"))?
-}
-
 async fn emit_spans(url: &str, ids: &[u64], options: HttpSdkOptions) -> Result<(), String> {
     let mut builder = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
@@ -321,33 +290,7 @@ async fn emit_spans(url: &str, ids: &[u64], options: HttpSdkOptions) -> Result<(
         builder = builder.with_compression(c);
     }
     let exporter = builder.build().map_err(|e| sdk_err("span exporter", e))?;
-    let config = opentelemetry_sdk::trace::BatchConfigBuilder::default()
-        .with_max_queue_size(ids.len().max(2048) + 16)
-        .with_max_export_batch_size(512)
-        .with_scheduled_delay(Duration::from_millis(100))
-        .build();
-    let processor = opentelemetry_sdk::trace::BatchSpanProcessor::builder(exporter)
-        .with_batch_config(config)
-        .build();
-    let provider = SdkTracerProvider::builder()
-        .with_span_processor(processor)
-        .with_resource(resource())
-        .build();
-    let tracer = provider.tracer("telespool-http-test");
-    for &id in ids {
-        let mut span = tracer
-            .span_builder(format!("sdk-http-span-{id}"))
-            .with_attributes(vec![KeyValue::new(ID_KEY, id as i64)])
-            .start(&tracer);
-        span.end();
-    }
-    let (p1, p2) = (provider.clone(), provider);
-    flush_and_shutdown(
-        "tracer provider",
-        move || p1.force_flush().map_err(|e| e.to_string()),
-        move || p2.shutdown().map_err(|e| e.to_string()),
-    )
-    .await
+    super::sdk::export_spans(exporter, ids).await
 }
 
 async fn emit_logs(url: &str, ids: &[u64], options: HttpSdkOptions) -> Result<(), String> {
@@ -360,34 +303,7 @@ async fn emit_logs(url: &str, ids: &[u64], options: HttpSdkOptions) -> Result<()
         builder = builder.with_compression(c);
     }
     let exporter = builder.build().map_err(|e| sdk_err("log exporter", e))?;
-    let config = opentelemetry_sdk::logs::BatchConfigBuilder::default()
-        .with_max_queue_size(ids.len().max(2048) + 16)
-        .with_max_export_batch_size(512)
-        .with_scheduled_delay(Duration::from_millis(100))
-        .build();
-    let processor = opentelemetry_sdk::logs::BatchLogProcessor::builder(exporter)
-        .with_batch_config(config)
-        .build();
-    let provider = SdkLoggerProvider::builder()
-        .with_log_processor(processor)
-        .with_resource(resource())
-        .build();
-    let logger = provider.logger("telespool-http-test");
-    for &id in ids {
-        let mut record = logger.create_log_record();
-        record.set_severity_number(Severity::Info);
-        record.set_severity_text("INFO");
-        record.set_body(format!("sdk http log {id}").into());
-        record.add_attribute(ID_KEY, id as i64);
-        logger.emit(record);
-    }
-    let (p1, p2) = (provider.clone(), provider);
-    flush_and_shutdown(
-        "logger provider",
-        move || p1.force_flush().map_err(|e| e.to_string()),
-        move || p2.shutdown().map_err(|e| e.to_string()),
-    )
-    .await
+    super::sdk::export_logs(exporter, ids).await
 }
 
 async fn emit_metrics(url: &str, ids: &[u64], options: HttpSdkOptions) -> Result<(), String> {
@@ -401,30 +317,5 @@ async fn emit_metrics(url: &str, ids: &[u64], options: HttpSdkOptions) -> Result
         builder = builder.with_compression(c);
     }
     let exporter = builder.build().map_err(|e| sdk_err("metric exporter", e))?;
-    // Only force_flush and shutdown collect: the interval never fires in a test.
-    let reader = PeriodicReader::builder(exporter)
-        .with_interval(Duration::from_secs(3600))
-        .build();
-    let limit = ids.len() + 16;
-    let provider = SdkMeterProvider::builder()
-        .with_reader(reader)
-        .with_resource(resource())
-        .with_view(move |i: &Instrument| {
-            (i.name() == "test.counter")
-                .then(|| Stream::builder().with_cardinality_limit(limit).build().ok())
-                .flatten()
-        })
-        .build();
-    let meter = provider.meter("telespool-http-test");
-    let counter = meter.u64_counter("test.counter").build();
-    for &id in ids {
-        counter.add(1, &[KeyValue::new(ID_KEY, id as i64)]);
-    }
-    let (p1, p2) = (provider.clone(), provider);
-    flush_and_shutdown(
-        "meter provider",
-        move || p1.force_flush().map_err(|e| e.to_string()),
-        move || p2.shutdown().map_err(|e| e.to_string()),
-    )
-    .await
+    super::sdk::export_metrics(exporter, ids).await
 }

@@ -127,6 +127,48 @@ pub async fn emit_spans_ids(
         builder = builder.with_compression(c);
     }
     let exporter = builder.build().map_err(|e| sdk_err("span exporter", e))?;
+    export_spans(exporter, ids).await
+}
+
+pub async fn emit_logs_ids(
+    endpoint: &str,
+    ids: &[u64],
+    options: &SdkOptions,
+) -> Result<(), String> {
+    let mut builder = opentelemetry_otlp::LogExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .with_timeout(options.timeout);
+    if let Some(c) = compression(options) {
+        builder = builder.with_compression(c);
+    }
+    let exporter = builder.build().map_err(|e| sdk_err("log exporter", e))?;
+    export_logs(exporter, ids).await
+}
+
+pub async fn emit_metrics_ids(
+    endpoint: &str,
+    ids: &[u64],
+    options: &SdkOptions,
+) -> Result<(), String> {
+    let mut builder = opentelemetry_otlp::MetricExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .with_timeout(options.timeout)
+        .with_temporality(Temporality::Delta);
+    if let Some(c) = compression(options) {
+        builder = builder.with_compression(c);
+    }
+    let exporter = builder.build().map_err(|e| sdk_err("metric exporter", e))?;
+    export_metrics(exporter, ids).await
+}
+
+/// Emit one item per id through an already built exporter (gRPC or HTTP),
+/// then flush and shut the provider down.
+pub async fn export_spans(
+    exporter: opentelemetry_otlp::SpanExporter,
+    ids: &[u64],
+) -> Result<(), String> {
     let config = opentelemetry_sdk::trace::BatchConfigBuilder::default()
         .with_max_queue_size(ids.len().max(2048) + 16)
         .with_max_export_batch_size(512)
@@ -156,19 +198,12 @@ pub async fn emit_spans_ids(
     .await
 }
 
-pub async fn emit_logs_ids(
-    endpoint: &str,
+/// Emit one item per id through an already built exporter (gRPC or HTTP),
+/// then flush and shut the provider down.
+pub async fn export_logs(
+    exporter: opentelemetry_otlp::LogExporter,
     ids: &[u64],
-    options: &SdkOptions,
 ) -> Result<(), String> {
-    let mut builder = opentelemetry_otlp::LogExporter::builder()
-        .with_tonic()
-        .with_endpoint(endpoint)
-        .with_timeout(options.timeout);
-    if let Some(c) = compression(options) {
-        builder = builder.with_compression(c);
-    }
-    let exporter = builder.build().map_err(|e| sdk_err("log exporter", e))?;
     let config = opentelemetry_sdk::logs::BatchConfigBuilder::default()
         .with_max_queue_size(ids.len().max(2048) + 16)
         .with_max_export_batch_size(512)
@@ -199,20 +234,12 @@ pub async fn emit_logs_ids(
     .await
 }
 
-pub async fn emit_metrics_ids(
-    endpoint: &str,
+/// Emit one item per id through an already built exporter (gRPC or HTTP),
+/// then flush and shut the provider down.
+pub async fn export_metrics(
+    exporter: opentelemetry_otlp::MetricExporter,
     ids: &[u64],
-    options: &SdkOptions,
 ) -> Result<(), String> {
-    let mut builder = opentelemetry_otlp::MetricExporter::builder()
-        .with_tonic()
-        .with_endpoint(endpoint)
-        .with_timeout(options.timeout)
-        .with_temporality(Temporality::Delta);
-    if let Some(c) = compression(options) {
-        builder = builder.with_compression(c);
-    }
-    let exporter = builder.build().map_err(|e| sdk_err("metric exporter", e))?;
     // Only force_flush and shutdown collect: the interval never fires in a test.
     let reader = PeriodicReader::builder(exporter)
         .with_interval(Duration::from_secs(3600))
