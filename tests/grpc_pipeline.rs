@@ -13,18 +13,10 @@ use tonic::Code;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
-async fn agent(upstream: &Upstream, config: &str) -> AgentProcess {
-    ok(AgentProcess::builder()
-        .upstream(&upstream.endpoint())
-        .config_toml(config)
-        .start()
-        .await)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_item_sent_over_grpc_arrives_upstream_exactly_once_in_far_fewer_batches() {
     let upstream = Upstream::start().await;
-    let agent = agent(&upstream, "[batch]\ntimeout = \"100ms\"\n").await;
+    let agent = start_agent(&upstream, "[batch]\ntimeout = \"100ms\"\n").await;
     let client = Client::new(agent.grpc_addr());
     for signal in Signal::ALL {
         let mut sent = BTreeSet::new();
@@ -51,7 +43,7 @@ async fn every_item_sent_over_grpc_arrives_upstream_exactly_once_in_far_fewer_ba
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gzip_and_empty_requests_are_accepted_and_upstream_compression_can_be_off() {
     let upstream = Upstream::start().await;
-    let agent = agent(&upstream, "[upstream]\ncompression = \"none\"\n").await;
+    let agent = start_agent(&upstream, "[upstream]\ncompression = \"none\"\n").await;
     let ids = fresh_ids(50);
     ok(support::client::send_gzip(agent.grpc_addr(), Signal::Logs, &ids).await);
     let empty = ok(send_raw(agent.grpc_addr(), Signal::Traces.grpc_path(), Bytes::new()).await);
@@ -74,7 +66,7 @@ async fn gzip_and_empty_requests_are_accepted_and_upstream_compression_can_be_of
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sdk_traces_metrics_and_logs_arrive_exactly_once() {
     let upstream = Upstream::start().await;
-    let agent = agent(&upstream, "").await;
+    let agent = start_agent(&upstream, "").await;
     for signal in Signal::ALL {
         let ids = ok(support::sdk::emit(signal, &agent.grpc_endpoint(), 500).await);
         ok(upstream.wait_for_ids(signal, &id_set(&ids), DEADLINE).await);
@@ -86,7 +78,7 @@ async fn sdk_traces_metrics_and_logs_arrive_exactly_once() {
 async fn full_buffer_refuses_with_retry_info_stays_bounded_and_loses_nothing() {
     let upstream = Upstream::start_with(Mode::Stall).await;
     let limit = 256 * 1024;
-    let agent = agent(
+    let agent = start_agent(
         &upstream,
         &format!(
             "[receiver]\nmax_request_bytes = \"32KiB\"\n[buffer]\nmax_bytes = {limit}\nmax_wait = \"20ms\"\n\
@@ -148,7 +140,7 @@ async fn full_buffer_refuses_with_retry_info_stays_bounded_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn malformed_and_oversized_requests_get_clear_statuses_and_do_not_disturb_other_data() {
     let upstream = Upstream::start().await;
-    let agent = agent(&upstream, "[receiver]\nmax_request_bytes = \"64KiB\"\n").await;
+    let agent = start_agent(&upstream, "[receiver]\nmax_request_bytes = \"64KiB\"\n").await;
     let addr = agent.grpc_addr();
     let good_before = fresh_ids(10);
     ok(send(addr, Signal::Metrics, &good_before).await);
@@ -209,7 +201,7 @@ async fn malformed_and_oversized_requests_get_clear_statuses_and_do_not_disturb_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn non_retryable_upstream_reply_drops_only_that_batch() {
     let upstream = Upstream::start().await;
-    let agent = agent(&upstream, "[batch]\ntimeout = \"10ms\"\n").await;
+    let agent = start_agent(&upstream, "[batch]\ntimeout = \"10ms\"\n").await;
     let addr = agent.grpc_addr();
     let poison = fresh_ids(5);
     upstream.poison(poison[0]);
@@ -241,7 +233,7 @@ async fn non_retryable_upstream_reply_drops_only_that_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retryable_upstream_reply_is_retried_until_upstream_accepts() {
     let upstream = Upstream::start_with(Mode::Fail(Code::Unavailable)).await;
-    let agent = agent(
+    let agent = start_agent(
         &upstream,
         "[batch]\ntimeout = \"10ms\"\n[upstream.retry]\ninitial_backoff = \"20ms\"\nmax_backoff = \"100ms\"\n",
     )

@@ -19,18 +19,10 @@ use tokio::net::TcpStream;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
-async fn agent(upstream: &Upstream, config: &str) -> AgentProcess {
-    ok(AgentProcess::builder()
-        .upstream(&upstream.endpoint())
-        .config_toml(config)
-        .start()
-        .await)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_http_body_is_cut_off_with_408_at_the_deadline_while_another_client_is_served() {
     let upstream = Upstream::start().await;
-    let agent = agent(&upstream, "[receiver]\nbody_timeout = \"1s\"\n").await;
+    let agent = start_agent(&upstream, "[receiver]\nbody_timeout = \"1s\"\n").await;
     let addr = agent.http_addr();
 
     let stream = ok(TcpStream::connect(addr).await);
@@ -86,7 +78,7 @@ async fn slow_http_body_is_cut_off_with_408_at_the_deadline_while_another_client
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_grpc_body_is_cut_off_with_deadline_exceeded() {
     let upstream = Upstream::start().await;
-    let agent = agent(&upstream, "[receiver]\nbody_timeout = \"1s\"\n").await;
+    let agent = start_agent(&upstream, "[receiver]\nbody_timeout = \"1s\"\n").await;
 
     let stream = ok(TcpStream::connect(agent.grpc_addr()).await);
     let (mut sender, connection) =
@@ -187,7 +179,7 @@ fn served(held: &[Held]) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connection_limit_holds_under_a_burst_and_waiting_clients_are_served_when_one_closes() {
     let upstream = Upstream::start().await;
-    let agent = agent(
+    let agent = start_agent(
         &upstream,
         "[receiver]\nmax_connections = 3\nbody_timeout = \"30s\"\n",
     )
@@ -233,7 +225,7 @@ async fn connection_limit_holds_under_a_burst_and_waiting_clients_are_served_whe
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_connection_that_sends_nothing_is_closed_after_the_idle_timeout() {
     let upstream = Upstream::start().await;
-    let agent = agent(&upstream, "[receiver]\nidle_timeout = \"500ms\"\n").await;
+    let agent = start_agent(&upstream, "[receiver]\nidle_timeout = \"500ms\"\n").await;
     for addr in [agent.grpc_addr(), agent.http_addr()] {
         let mut stream = ok(TcpStream::connect(addr).await);
         let started = Instant::now();

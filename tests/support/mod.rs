@@ -99,6 +99,16 @@ where
     }
 }
 
+/// The real binary with `upstream` as its upstream and `config` as its TOML
+/// config; panics with the agent's stderr if it does not start.
+pub async fn start_agent(upstream: &Upstream, config: &str) -> AgentProcess {
+    ok(AgentProcess::builder()
+        .upstream(&upstream.endpoint())
+        .config_toml(config)
+        .start()
+        .await)
+}
+
 /// `result.unwrap()` with the error printed as text, at the caller's line.
 #[track_caller]
 pub fn ok<T, E: Debug>(result: Result<T, E>) -> T {
