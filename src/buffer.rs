@@ -152,6 +152,16 @@ impl Reservation {
     pub fn bytes(&self) -> u64 {
         self.permit.as_ref().map_or(0, |p| p.num_permits() as u64)
     }
+
+    /// Keep the bytes but stop counting the items as buffered: they are
+    /// accounted elsewhere now (durable mode: committed to the spool, while the
+    /// memory copy is on its way upstream).
+    pub fn forget_items(&mut self) {
+        if self.items > 0 {
+            self.budget.items[self.signal.index()].fetch_sub(self.items, Ordering::Relaxed);
+            self.items = 0;
+        }
+    }
 }
 
 impl Drop for Reservation {

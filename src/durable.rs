@@ -2,21 +2,34 @@
 //! OK only after its payload is committed to the spool.
 //!
 //! Group commit: requests queue here with a oneshot for their answer; one
-//! writer task takes everything waiting (up to `batch.max_bytes` per signal),
-//! writes one row per signal in ONE transaction, then answers every request
-//! of the group. Concurrent clients therefore share commits, and throughput
-//! does not collapse to one transaction per request. Rows reach upstream
-//! through the replay workers, which delete a row only after upstream
-//! acknowledged it.
+//! writer task takes everything waiting (up to three rows' worth), writes one
+//! row per signal per `batch.max_bytes` in ONE transaction, then answers every
+//! request of the group. Concurrent clients therefore share commits, and
+//! throughput does not collapse to one transaction per request.
+//!
+//! Hand-off: the committed row is the durable copy; the request bodies are
+//! still in memory, so the writer passes them to the exporters as a batch that
+//! carries the row id ([`Handoff`]) instead of making replay read back what
+//! was just written. The row is claimed (as replay claims rows) before the
+//! hand-off, so no replay worker exports it a second time, and it is deleted
+//! only after upstream acknowledged it, exactly as a replayed row. The hand-off
+//! queue is bounded ([`Handoff::max_bytes`]) and only used while upstream is
+//! up: when it is full, or upstream is failing, the bodies are dropped from
+//! memory and the rows wait in the spool for the replay workers. A kill loses
+//! nothing either way: every acknowledged request is a committed row.
 //!
 //! What survives what: with `spool.synchronous = "normal"` (WAL, no fsync per
 //! commit) an acknowledged request survives a crash or SIGKILL of the agent,
 //! not a power loss or kernel crash; with `"full"` each commit is fsynced and
 //! survives power loss too, at the cost of one fsync per group.
 
-use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use std::collections::VecDeque;
+use std::sync::Mutex;
 
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::batch::{Batch, Origin};
 use crate::buffer::Reservation;
 use crate::metrics::Metrics;
 use crate::signal::Signal;
@@ -28,7 +41,8 @@ pub struct Pending {
     pub body: Bytes,
     pub items: u64,
     pub created_ms: i64,
-    /// Memory held while the request waits; released after the commit.
+    /// Memory held while the request waits; after the commit it moves into
+    /// the handed-off batch, or is released.
     pub reservation: Reservation,
     pub done: oneshot::Sender<Result<(), CommitError>>,
 }
@@ -42,34 +56,33 @@ pub enum CommitError {
     Failed(String),
 }
 
-/// Take groups of pending requests and commit each group in one transaction,
-/// until every sender is gone and the queue is empty.
-pub async fn run_writer(
-    spool: Spool,
-    mut rx: mpsc::Receiver<Pending>,
-    metrics: std::sync::Arc<Metrics>,
-    max_row_bytes: u64,
-    committed: impl Fn(),
-) {
-    while let Some(first) = rx.recv().await {
-        let mut group = vec![first];
-        let mut bytes = group[0].body.len() as u64;
-        // Everything already waiting joins this commit, within a bound.
-        while bytes < max_row_bytes * 3 {
-            match rx.try_recv() {
-                Ok(p) => {
-                    bytes += p.body.len() as u64;
-                    group.push(p);
-                }
-                Err(_) => break,
+/// The next group: the first waiting request and everything queued behind
+/// it, up to `max_bytes`. `None` once every sender is gone.
+pub async fn next_group(rx: &mut mpsc::Receiver<Pending>, max_bytes: u64) -> Option<Vec<Pending>> {
+    let first = rx.recv().await?;
+    let mut bytes = first.body.len() as u64;
+    let mut group = vec![first];
+    while bytes < max_bytes {
+        match rx.try_recv() {
+            Ok(p) => {
+                bytes += p.body.len() as u64;
+                group.push(p);
             }
+            Err(_) => break,
         }
-        commit_group(&spool, group, &metrics, max_row_bytes).await;
-        committed();
     }
+    Some(group)
 }
 
-async fn commit_group(spool: &Spool, group: Vec<Pending>, metrics: &Metrics, max_row_bytes: u64) {
+/// Commit `group` in one transaction and answer its requests. Returns the
+/// committed rows as batches (origin [`Origin::Spool`], holding the requests'
+/// memory), for the caller to hand off or drop.
+pub async fn commit_group(
+    spool: &Spool,
+    group: Vec<Pending>,
+    metrics: &Metrics,
+    max_row_bytes: u64,
+) -> Vec<Batch> {
     // Rows: per signal, consecutive requests up to max_row_bytes each.
     let mut rows: Vec<Vec<Pending>> = Vec::new();
     let mut open: [Option<(usize, u64)>; 3] = [None; 3];
@@ -97,25 +110,96 @@ async fn commit_group(spool: &Spool, group: Vec<Pending>, metrics: &Metrics, max
             payload: members.iter().map(|p| p.body.clone()).collect(),
         })
         .collect();
-    let (written, failure) = match spool.insert(batches).await {
-        Ok(outcome) if outcome.full => (outcome.written, CommitError::Full),
-        Ok(outcome) => (outcome.written, CommitError::Full),
+    let (ids, failure) = match spool.insert(batches).await {
+        Ok(outcome) => (outcome.ids, CommitError::Full),
         Err(e) => {
             tracing::error!(error = %e, "durable commit failed");
-            (0, CommitError::Failed(e.to_string()))
+            (Vec::new(), CommitError::Failed(e.to_string()))
         }
     };
+    let mut committed = Vec::with_capacity(ids.len());
     for (i, members) in rows.into_iter().enumerate() {
-        let answer = if i < written {
-            let items = members.iter().map(|p| p.items).sum();
-            metrics.spooled(members[0].signal, items);
-            Ok(())
-        } else {
-            Err(failure.clone())
+        let Some(&id) = ids.get(i) else {
+            for p in members {
+                let _ = p.done.send(Err(failure.clone()));
+            }
+            continue;
         };
+        let signal = members[0].signal;
+        let created_ms = members[0].created_ms;
+        let items: u64 = members.iter().map(|p| p.items).sum();
+        metrics.spooled(signal, items);
+        let mut chunks = Vec::with_capacity(members.len());
+        let mut reservation: Option<Reservation> = None;
         for p in members {
             // The client may have gone away; its data is committed all the same.
-            let _ = p.done.send(answer.clone());
+            let _ = p.done.send(Ok(()));
+            chunks.push(p.body);
+            match &mut reservation {
+                Some(r) => r.merge(p.reservation),
+                None => reservation = Some(p.reservation),
+            }
         }
+        let Some(mut reservation) = reservation else {
+            continue; // a row always has members
+        };
+        // The items are now counted as spooled, not as buffered.
+        reservation.forget_items();
+        committed.push(Batch {
+            signal,
+            bytes: chunks.iter().map(|c| c.len() as u64).sum(),
+            chunks,
+            items,
+            created_ms,
+            attempts: 0,
+            origin: Origin::Spool { id },
+            reservation,
+        });
+    }
+    committed
+}
+
+/// Committed rows waiting for an exporter, in memory. Bounded in bytes.
+pub struct Handoff {
+    queue: Mutex<VecDeque<Batch>>,
+    max_bytes: u64,
+    /// Wakes an exporter when a batch was queued.
+    pub ready: Notify,
+}
+
+impl Handoff {
+    pub fn new(max_bytes: u64) -> Handoff {
+        Handoff {
+            queue: Mutex::new(VecDeque::new()),
+            max_bytes,
+            ready: Notify::new(),
+        }
+    }
+
+    /// Queue `batch`, or give it back when the queue holds `max_bytes` already.
+    pub fn try_push(&self, batch: Batch) -> Result<(), Batch> {
+        let Ok(mut queue) = self.queue.lock() else {
+            return Err(batch);
+        };
+        let held: u64 = queue.iter().map(|b| b.bytes).sum();
+        if held + batch.bytes > self.max_bytes && !queue.is_empty() {
+            return Err(batch);
+        }
+        queue.push_back(batch);
+        drop(queue);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    pub fn pop(&self) -> Option<Batch> {
+        self.queue.lock().ok()?.pop_front()
+    }
+
+    /// Everything queued (shutdown: the rows stay in the spool).
+    pub fn drain(&self) -> Vec<Batch> {
+        self.queue
+            .lock()
+            .map(|mut q| q.drain(..).collect())
+            .unwrap_or_default()
     }
 }

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::batch::{Batch, Batcher, Limits, Origin};
 use crate::buffer::MemoryBudget;
 use crate::config::{Config, Durability, RetryConfig, WhenFull};
-use crate::durable::Pending;
+use crate::durable::{Handoff, Pending};
 use crate::exporter::Upstream;
 use crate::metrics::{DropReason, Metrics};
 use crate::queue::ExportQueue;
@@ -73,6 +73,8 @@ pub struct Pipeline {
     /// batchers. `None` in memory mode, and once shutdown closed the pipeline.
     durable: Mutex<Option<mpsc::Sender<Pending>>>,
     durable_rx: Mutex<Option<mpsc::Receiver<Pending>>>,
+    /// Durable mode: committed rows on their way upstream from memory.
+    handoff: Option<Handoff>,
     max_row_bytes: u64,
 }
 
@@ -83,10 +85,25 @@ struct Lane {
 }
 
 /// Which spool rows replay workers hold, so no row is exported twice at once.
-#[derive(Default)]
+/// Changed only under `claim_or_evict`.
 struct ReplayClaims {
     cursor: i64,
     in_flight: HashSet<i64>,
+    /// The spool may hold rows nobody has claimed (rows from before the
+    /// start, spilled, or committed but not handed off). Replay workers read
+    /// the spool while this is set and take hand-offs when it is not; cleared
+    /// when a read finds nothing.
+    unclaimed_rows: bool,
+}
+
+impl Default for ReplayClaims {
+    fn default() -> Self {
+        ReplayClaims {
+            cursor: 0,
+            in_flight: HashSet::new(),
+            unclaimed_rows: true,
+        }
+    }
 }
 
 impl Pipeline {
@@ -107,16 +124,20 @@ impl Pipeline {
                 open: true,
             })
         };
-        let (durable, durable_rx) = match config.durability {
+        let (durable, durable_rx, handoff) = match config.durability {
             Durability::Spool => {
                 let (tx, rx) = mpsc::channel(4096);
-                (Some(tx), Some(rx))
+                // A quarter of the budget: the rest stays free for requests
+                // waiting for their commit.
+                let handoff = Handoff::new(config.buffer.max_bytes.0 / 4);
+                (Some(tx), Some(rx), Some(handoff))
             }
-            Durability::Memory => (None, None),
+            Durability::Memory => (None, None, None),
         };
         Arc::new(Pipeline {
             durable: Mutex::new(durable),
             durable_rx: Mutex::new(durable_rx),
+            handoff,
             max_row_bytes: config.batch.max_bytes.0,
             budget: MemoryBudget::new(config.buffer.max_bytes.0),
             max_wait: config.buffer.max_wait,
@@ -228,18 +249,54 @@ impl Pipeline {
     /// Durable mode: the group-commit writer; ends once shutdown closed the
     /// pipeline and every waiting request is committed.
     pub async fn run_durable_writer(self: Arc<Self>) {
-        let Some(rx) = self.durable_rx.lock().ok().and_then(|mut r| r.take()) else {
+        let Some(mut rx) = self.durable_rx.lock().ok().and_then(|mut r| r.take()) else {
             return;
         };
-        let me = self.clone();
-        crate::durable::run_writer(
-            self.spool.clone(),
-            rx,
-            self.metrics.clone(),
-            self.max_row_bytes,
-            move || me.replay_wake.notify_waiters(),
-        )
-        .await;
+        while let Some(group) = crate::durable::next_group(&mut rx, self.max_row_bytes * 3).await {
+            // Hold the claim lock from before the commit until the rows are
+            // claimed: a replay worker that read a new row in between could
+            // export it, delete it and release it before the hand-off, which
+            // would then export it a second time.
+            let claim_lock = self.claim_or_evict.lock().await;
+            let committed =
+                crate::durable::commit_group(&self.spool, group, &self.metrics, self.max_row_bytes)
+                    .await;
+            self.hand_off(committed, claim_lock);
+        }
+    }
+
+    /// Durable mode: pass committed rows to the replay workers from memory,
+    /// claimed so that no worker also reads them from the spool. Rows that do
+    /// not fit in the hand-off queue, or arrive while upstream is failing,
+    /// leave memory and wait in the spool.
+    fn hand_off(&self, committed: Vec<Batch>, _claim_lock: tokio::sync::MutexGuard<'_, ()>) {
+        let Some(handoff) = &self.handoff else {
+            return;
+        };
+        if committed.is_empty() {
+            return;
+        }
+        let upstream_up = self.upstream.as_ref().is_some_and(|u| u.health().is_up());
+        let Ok(mut claims) = self.replay.lock() else {
+            return;
+        };
+        for batch in committed {
+            let Origin::Spool { id } = batch.origin else {
+                continue;
+            };
+            if !upstream_up {
+                claims.unclaimed_rows = true;
+                continue;
+            }
+            claims.in_flight.insert(id);
+            if handoff.try_push(batch).is_err() {
+                claims.in_flight.remove(&id);
+                claims.unclaimed_rows = true;
+            }
+        }
+        if claims.unclaimed_rows {
+            self.replay_wake.notify_waiters();
+        }
     }
 
     pub fn is_durable(&self) -> bool {
@@ -461,6 +518,10 @@ impl Pipeline {
                 self.metrics.spooled(b.signal, b.items);
             }
             if !pending.is_empty() {
+                let _guard = self.claim_or_evict.lock().await;
+                if let Ok(mut claims) = self.replay.lock() {
+                    claims.unclaimed_rows = true;
+                }
                 self.replay_wake.notify_waiters();
             }
             pending = rest;
@@ -582,7 +643,8 @@ impl Pipeline {
         }
     }
 
-    /// One replay worker: export spooled rows oldest first, alongside live data.
+    /// One replay worker: export spooled rows oldest first, alongside live data
+    /// (in durable mode also the rows the writer handed off from memory).
     /// Stops taking rows at `stop`; a row in flight at `force` stays in the spool.
     pub async fn run_replay_worker(
         self: Arc<Self>,
@@ -600,10 +662,11 @@ impl Pipeline {
             let wake = self.replay_wake.notified();
             tokio::pin!(wake);
             wake.as_mut().enable();
-            match self.claim_row().await {
-                Some(row) => {
-                    let id = row.id;
-                    let batch = self.batch_from_row(row);
+            match self.next_spooled().await {
+                Some(batch) => {
+                    let Origin::Spool { id } = batch.origin else {
+                        continue; // only spool rows come this way
+                    };
                     self.deliver(batch, &force).await;
                     // Release the claim under the claim lock: a worker that read
                     // this row before its delete committed must still find it
@@ -612,7 +675,7 @@ impl Pipeline {
                     if let Ok(mut claims) = self.replay.lock() {
                         claims.in_flight.remove(&id);
                     }
-                    if last_progress.elapsed() > Duration::from_secs(5) {
+                    if self.handoff.is_none() && last_progress.elapsed() > Duration::from_secs(5) {
                         last_progress = Instant::now();
                         let stats = self.spool.stats_cached();
                         tracing::info!(
@@ -623,9 +686,16 @@ impl Pipeline {
                     }
                 }
                 None => {
+                    let handed_off = async {
+                        match &self.handoff {
+                            Some(handoff) => handoff.ready.notified().await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = &mut wake => {}
+                        _ = handed_off => {}
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                 }
@@ -633,43 +703,60 @@ impl Pipeline {
         }
     }
 
-    /// The oldest spool row no other replay worker holds. Reads one row at a
-    /// time: rows past the cursor are never in flight (claims only move it
-    /// forward), so only after a wrap to the start can a read hit a held row.
-    async fn claim_row(&self) -> Option<SpooledBatch> {
-        let _guard = self.claim_or_evict.lock().await;
-        let mut wrapped = false;
-        let (mut cursor, busy) = {
-            let claims = self.replay.lock().ok()?;
-            (claims.cursor, claims.in_flight.len())
-        };
-        for _ in 0..busy + 2 {
-            let row = match self.spool.oldest(cursor, 1).await {
-                Ok(mut rows) => rows.pop(),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read the spool for replay");
-                    return None;
+    /// The next spool row to export, claimed: a hand-off from memory while no
+    /// unclaimed rows wait in the spool, else the oldest unclaimed row.
+    async fn next_spooled(&self) -> Option<Batch> {
+        if let Some(handoff) = &self.handoff {
+            let backlog = self.replay.lock().map(|c| c.unclaimed_rows).unwrap_or(true);
+            if !backlog {
+                if let Some(batch) = handoff.pop() {
+                    return Some(batch);
                 }
-            };
-            let mut claims = self.replay.lock().ok()?;
-            match row {
-                Some(row) if claims.in_flight.contains(&row.id) => cursor = row.id,
-                Some(row) => {
-                    claims.cursor = row.id;
-                    claims.in_flight.insert(row.id);
-                    return Some(row);
-                }
-                // Past the end: start again from the oldest row once (rows
-                // left behind after max_elapsed are retried on the next pass).
-                None if !wrapped && claims.cursor != 0 => {
-                    wrapped = true;
-                    cursor = 0;
-                    claims.cursor = 0;
-                }
-                None => return None,
             }
         }
-        None
+        if let Some(row) = self.claim_row().await {
+            return Some(self.batch_from_row(row));
+        }
+        self.handoff.as_ref().and_then(Handoff::pop)
+    }
+
+    /// The oldest spool row no other worker holds, claimed. Starts after the
+    /// last claimed row and wraps to the start once, so rows left behind after
+    /// `max_elapsed` are retried on the next pass.
+    async fn claim_row(&self) -> Option<SpooledBatch> {
+        let _guard = self.claim_or_evict.lock().await;
+        let (cursor, held) = {
+            let claims = self.replay.lock().ok()?;
+            (claims.cursor, claims.in_flight.clone())
+        };
+        let mut found = self.read_unclaimed(cursor, held.clone()).await;
+        if matches!(found, Ok(None)) && cursor != 0 {
+            found = self.read_unclaimed(0, held).await;
+        }
+        let mut claims = self.replay.lock().ok()?;
+        match found.ok()? {
+            Some(row) => {
+                claims.cursor = row.id;
+                claims.in_flight.insert(row.id);
+                Some(row)
+            }
+            None => {
+                claims.cursor = 0;
+                claims.unclaimed_rows = false;
+                None
+            }
+        }
+    }
+
+    async fn read_unclaimed(
+        &self,
+        after: i64,
+        held: HashSet<i64>,
+    ) -> Result<Option<SpooledBatch>, ()> {
+        self.spool
+            .oldest_unclaimed(after, held)
+            .await
+            .map_err(|e| tracing::error!(error = %e, "cannot read the spool for replay"))
     }
 
     fn batch_from_row(&self, row: SpooledBatch) -> Batch {

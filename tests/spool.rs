@@ -1,5 +1,6 @@
 //! The SQLite spool against real files in temporary directories.
 
+use std::collections::HashSet;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -165,6 +166,61 @@ async fn oldest_returns_rows_in_insert_order_and_pages_with_after_id() {
         paged.extend(page);
     }
     assert_eq!(paged, all);
+    spool.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn insert_returns_the_new_row_ids_in_input_order() {
+    let dir = TempDir::new().expect("tempdir");
+    let (spool, _) = open(&spool_path(&dir));
+    let outcome = spool.insert(batches(5, 10)).await.expect("insert");
+    let ids: Vec<i64> = all_rows(&spool).await.iter().map(|r| r.id).collect();
+    assert_eq!(outcome.ids, ids);
+    assert_eq!(outcome.written, 5);
+    spool.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn oldest_unclaimed_skips_claimed_rows_and_starts_after_the_cursor() {
+    let dir = TempDir::new().expect("tempdir");
+    let (spool, _) = open(&spool_path(&dir));
+    let ids = spool.insert(batches(5, 10)).await.expect("insert").ids;
+    let claimed: HashSet<i64> = [ids[0], ids[1], ids[3]].into();
+    let next = |after, claimed: &HashSet<i64>| {
+        let (spool, claimed) = (spool.clone(), claimed.clone());
+        async move {
+            let row = spool.oldest_unclaimed(after, claimed).await;
+            row.expect("read").map(|r| r.id)
+        }
+    };
+    assert_eq!(next(0, &claimed).await, Some(ids[2]));
+    assert_eq!(next(ids[2], &claimed).await, Some(ids[4]));
+    assert_eq!(next(ids[4], &claimed).await, None);
+    let all: HashSet<i64> = ids.iter().copied().collect();
+    assert_eq!(next(0, &all).await, None);
+    let row = spool.oldest_unclaimed(0, claimed).await.expect("read");
+    assert_eq!(row.expect("a row").payload, Bytes::from(vec![2u8; 10]));
+    spool.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn concurrent_deletes_all_take_effect_and_keep_the_counts_exact() {
+    let dir = TempDir::new().expect("tempdir");
+    let (spool, _) = open(&spool_path(&dir));
+    let ids = spool.insert(batches(60, 100)).await.expect("insert").ids;
+    // Deletes issued at once queue up behind one another and share
+    // transactions; every caller still gets its own answer.
+    let deletes = ids[..50].iter().map(|id| {
+        let spool = spool.clone();
+        let id = *id;
+        async move { spool.delete(vec![id]).await }
+    });
+    for result in futures::future::join_all(deletes).await {
+        result.expect("delete");
+    }
+    let left: Vec<i64> = all_rows(&spool).await.iter().map(|r| r.id).collect();
+    assert_eq!(left, ids[50..].to_vec());
+    assert_eq!(assert_stats_consistent(&spool).await.rows, 10);
     spool.close().await.expect("close");
 }
 

@@ -83,6 +83,7 @@ mod offline;
 mod open;
 mod store;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -176,12 +177,14 @@ pub struct OpenReport {
 }
 
 /// Result of [`Spool::insert`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InsertOutcome {
     /// The first `written` batches of the input were committed; the rest were not.
     pub written: usize,
     /// The spool (or the disk) had no room for batch number `written`.
     pub full: bool,
+    /// The row ids of the `written` batches, in input order.
+    pub ids: Vec<i64>,
 }
 
 /// Everything that can go wrong with the spool.
@@ -251,6 +254,7 @@ type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 enum Command {
     Insert(Vec<NewBatch>, Reply<InsertOutcome>),
     Oldest(i64, usize, Reply<Vec<SpooledBatch>>),
+    OldestUnclaimed(i64, HashSet<i64>, Reply<Option<SpooledBatch>>),
     Delete(Vec<i64>, Reply<()>),
     RecordAttempt(i64, Reply<()>),
     DropOldest(u64, Vec<i64>, Reply<Vec<(Signal, u64)>>),
@@ -337,7 +341,18 @@ impl Spool {
             .await
     }
 
+    /// The oldest row with `id > after_id` that is not in `claimed`.
+    pub async fn oldest_unclaimed(
+        &self,
+        after_id: i64,
+        claimed: HashSet<i64>,
+    ) -> Result<Option<SpooledBatch>, SpoolError> {
+        self.call(|reply| Command::OldestUnclaimed(after_id, claimed, reply))
+            .await
+    }
+
     /// Deletes these rows in one transaction; ids no longer present are ignored.
+    /// Deletes that queue up behind one another share a transaction.
     pub async fn delete(&self, ids: Vec<i64>) -> Result<(), SpoolError> {
         self.call(|reply| Command::Delete(ids, reply)).await
     }
@@ -417,6 +432,48 @@ fn answer<T>(
     let _ = reply.send(result);
 }
 
+/// Group commit for deletes: every `Delete` already queued behind this one joins
+/// its transaction (exporters finish batches concurrently, and one commit per
+/// acknowledged batch would make the spool thread the bottleneck). Returns the
+/// first other command taken off the queue, to run next. If the shared
+/// transaction fails, each delete runs alone so each caller gets its own answer.
+fn delete_together(
+    store: &mut Store,
+    commands: &mpsc::Receiver<Command>,
+    ids: Vec<i64>,
+    reply: Reply<()>,
+    stats: &Mutex<SpoolStats>,
+) -> Option<Command> {
+    let mut group = vec![(ids, reply)];
+    let mut next = None;
+    while let Ok(command) = commands.try_recv() {
+        match command {
+            Command::Delete(ids, reply) => group.push((ids, reply)),
+            other => {
+                next = Some(other);
+                break;
+            }
+        }
+    }
+    if group.len() > 1 {
+        let all: Vec<i64> = group
+            .iter()
+            .flat_map(|(ids, _)| ids.iter().copied())
+            .collect();
+        if store.delete(&all).is_ok() {
+            publish(stats, store.stats());
+            for (_, reply) in group {
+                let _ = reply.send(Ok(()));
+            }
+            return next;
+        }
+    }
+    for (ids, reply) in group {
+        answer(reply, store.delete(&ids), store, stats);
+    }
+    next
+}
+
 fn publish(shared: &Mutex<SpoolStats>, stats: &SpoolStats) {
     *shared.lock().unwrap_or_else(PoisonError::into_inner) = stats.clone();
 }
@@ -424,13 +481,22 @@ fn publish(shared: &Mutex<SpoolStats>, stats: &SpoolStats) {
 /// The worker thread's loop: one command at a time until `Close` or until every
 /// handle is dropped (then it closes the store itself).
 fn run_worker(mut store: Store, commands: mpsc::Receiver<Command>, stats: &Mutex<SpoolStats>) {
-    while let Ok(command) = commands.recv() {
+    let mut next = None;
+    while let Some(command) = next.take().or_else(|| commands.recv().ok()) {
         match command {
             Command::Insert(batches, reply) => answer(reply, store.insert(&batches), &store, stats),
             Command::Oldest(after_id, limit, reply) => {
                 answer(reply, store.oldest(after_id, limit), &store, stats)
             }
-            Command::Delete(ids, reply) => answer(reply, store.delete(&ids), &store, stats),
+            Command::OldestUnclaimed(after_id, claimed, reply) => answer(
+                reply,
+                store.oldest_unclaimed(after_id, &claimed),
+                &store,
+                stats,
+            ),
+            Command::Delete(ids, reply) => {
+                next = delete_together(&mut store, &commands, ids, reply, stats);
+            }
             Command::RecordAttempt(id, reply) => {
                 answer(reply, store.record_attempt(id), &store, stats)
             }

@@ -2,6 +2,7 @@
 //! and the statements. Only the worker thread and the offline tools call it.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::fs::{self, OpenOptions, Permissions};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -198,11 +199,12 @@ impl Store {
         result
     }
 
-    fn insert_rows(conn: &Connection, batches: &[NewBatch]) -> rusqlite::Result<()> {
+    fn insert_rows(conn: &Connection, batches: &[NewBatch]) -> rusqlite::Result<Vec<i64>> {
         let mut stmt = conn.prepare_cached(
             "INSERT INTO batches(signal, items, bytes, created_ms, attempts, payload)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
+        let mut ids = Vec::with_capacity(batches.len());
         for batch in batches {
             let payload = concat(&batch.payload);
             stmt.execute(params![
@@ -213,8 +215,9 @@ impl Store {
                 batch.attempts,
                 &payload[..],
             ])?;
+            ids.push(conn.last_insert_rowid());
         }
-        Ok(())
+        Ok(ids)
     }
 
     fn account_inserted(&mut self, batches: &[NewBatch]) {
@@ -229,25 +232,31 @@ impl Store {
 
     pub(super) fn insert(&mut self, batches: &[NewBatch]) -> Result<InsertOutcome, SpoolError> {
         match self.transaction(|conn| Self::insert_rows(conn, batches)) {
-            Ok(()) => {
+            Ok(ids) => {
                 self.account_inserted(batches);
                 return Ok(InsertOutcome {
                     written: batches.len(),
                     full: false,
+                    ids,
                 });
             }
             Err(e) if is_full(&e) => {}
             Err(e) => return Err(sql_err(&self.path)(e)),
         }
         // Not all of them fit: keep as many leading batches as do.
+        let mut ids = Vec::with_capacity(batches.len());
         for (i, batch) in batches.iter().enumerate() {
             let one = std::slice::from_ref(batch);
             match self.transaction(|conn| Self::insert_rows(conn, one)) {
-                Ok(()) => self.account_inserted(one),
+                Ok(id) => {
+                    self.account_inserted(one);
+                    ids.extend(id);
+                }
                 Err(e) if is_full(&e) => {
                     return Ok(InsertOutcome {
                         written: i,
                         full: true,
+                        ids,
                     })
                 }
                 Err(e) => return Err(sql_err(&self.path)(e)),
@@ -256,6 +265,7 @@ impl Store {
         Ok(InsertOutcome {
             written: batches.len(),
             full: false,
+            ids,
         })
     }
 
@@ -279,6 +289,50 @@ impl Store {
             out.push(decode_row(&self.path, row)?);
         }
         Ok(out)
+    }
+
+    /// The oldest row with `id > after_id` whose id is not in `claimed`. Reads
+    /// ids first, so rows held by others cost no payload read.
+    pub(super) fn oldest_unclaimed(
+        &self,
+        after_id: i64,
+        claimed: &HashSet<i64>,
+    ) -> Result<Option<SpooledBatch>, SpoolError> {
+        let sql = sql_err(&self.path);
+        let limit = i64::try_from(claimed.len() + 1).unwrap_or(i64::MAX);
+        let id = {
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT id FROM batches WHERE id > ?1 ORDER BY id LIMIT ?2")
+                .map_err(&sql)?;
+            let ids = stmt
+                .query_map(params![after_id, limit], |r| r.get::<_, i64>(0))
+                .map_err(&sql)?;
+            let mut free = None;
+            for id in ids {
+                let id = id.map_err(&sql)?;
+                if !claimed.contains(&id) {
+                    free = Some(id);
+                    break;
+                }
+            }
+            free
+        };
+        let Some(id) = id else {
+            return Ok(None);
+        };
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, signal, items, bytes, created_ms, attempts, payload
+                 FROM batches WHERE id = ?1",
+            )
+            .map_err(&sql)?;
+        let mut rows = stmt.query([id]).map_err(&sql)?;
+        match rows.next().map_err(&sql)? {
+            Some(row) => Ok(Some(decode_row(&self.path, row)?)),
+            None => Ok(None),
+        }
     }
 
     /// Deletes the rows and keeps `stats` in step.
