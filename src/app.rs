@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::receiver::auth::{self, TokenFileError, Tokens};
 use crate::receiver::connections::{self, ConnectionLimits};
+use crate::receiver::unix_socket::{self, UnixSocketError, UnixSocketListener};
 use crate::receiver::{self, Receiver};
 use crate::shutdown::{self, Summary};
 use crate::signal::Signal;
@@ -32,6 +33,10 @@ pub struct Listeners {
     pub grpc: Option<TcpListener>,
     pub http: Option<TcpListener>,
     pub admin: Option<TcpListener>,
+    /// `receiver.grpc.unix_socket`, served besides (or instead of) TCP.
+    pub grpc_unix: Option<UnixSocketListener>,
+    /// `receiver.http.unix_socket`.
+    pub http_unix: Option<UnixSocketListener>,
 }
 
 /// Why the agent could not start.
@@ -51,6 +56,8 @@ pub enum StartError {
     Exporter(#[from] ExporterError),
     #[error(transparent)]
     TokenFile(#[from] TokenFileError),
+    #[error(transparent)]
+    UnixSocket(#[from] UnixSocketError),
 }
 
 impl Listeners {
@@ -72,16 +79,19 @@ impl Listeners {
                 })
         }
         let r = &config.receiver;
+        // Group lookups and directory checks fail before anything is bound.
+        let grpc_unix = r.grpc.unix_socket().map(unix_socket::prepare).transpose()?;
+        let http_unix = r.http.unix_socket().map(unix_socket::prepare).transpose()?;
         let inherited = crate::activation::take_from_env()?;
         Ok(Listeners {
-            grpc: match (r.grpc.enabled, inherited.grpc) {
+            grpc: match (r.grpc.serves_tcp(), inherited.grpc) {
                 (true, Some(listener)) => Some(listener),
                 (true, None) => {
                     Some(bind(r.grpc.listen, "OTLP/gRPC", "receiver.grpc.listen").await?)
                 }
                 (false, _) => None,
             },
-            http: match (r.http.enabled, inherited.http) {
+            http: match (r.http.serves_tcp(), inherited.http) {
                 (true, Some(listener)) => Some(listener),
                 (true, None) => {
                     Some(bind(r.http.listen, "OTLP/HTTP", "receiver.http.listen").await?)
@@ -91,6 +101,14 @@ impl Listeners {
             admin: match config.admin.enabled {
                 true => Some(bind(config.admin.listen, "admin", "admin.listen").await?),
                 false => None,
+            },
+            grpc_unix: match grpc_unix {
+                Some(socket) => Some(socket.bind().await?),
+                None => None,
+            },
+            http_unix: match http_unix {
+                Some(socket) => Some(socket.bind().await?),
+                None => None,
             },
         })
     }
@@ -235,8 +253,9 @@ pub async fn run(
         addr(&listeners.http),
         addr(&listeners.admin),
     );
+    let (grpc_socket, http_socket) = record_listening(&agent.metrics, &listeners);
 
-    if let Some(listener) = listeners.grpc {
+    if listeners.grpc.is_some() || listeners.grpc_unix.is_some() {
         let mut otlp = receiver::grpc::router(agent.receiver.clone());
         if let Some(tokens) = &tokens_required {
             let receiver = agent.receiver.clone();
@@ -246,15 +265,17 @@ pub async fn run(
         let router = tonic::service::Routes::new(health_service)
             .into_axum_router()
             .merge(otlp);
-        serve(&agent, "grpc server", listener, router);
+        let names = ["grpc server", "grpc unix socket server"];
+        serve_both(&agent, names, listeners.grpc, listeners.grpc_unix, router);
     }
-    if let Some(listener) = listeners.http {
+    if listeners.http.is_some() || listeners.http_unix.is_some() {
         let router = receiver::http::router(
             agent.receiver.clone(),
             &agent.config.receiver.http.cors,
             tokens_required.clone(),
         );
-        serve(&agent, "http server", listener, router);
+        let names = ["http server", "http unix socket server"];
+        serve_both(&agent, names, listeners.http, listeners.http_unix, router);
     }
     if let Some(listener) = listeners.admin {
         // The admin listener stays up through shutdown so /readyz shows 503.
@@ -278,14 +299,19 @@ pub async fn run(
         grpc = %grpc_addr,
         http = %http_addr,
         admin = %admin_addr,
+        grpc_socket = %grpc_socket.as_deref().unwrap_or("none"),
+        http_socket = %http_socket.as_deref().unwrap_or("none"),
         upstream = agent.config.upstream.endpoint.as_deref().unwrap_or("none"),
         spool_rows = opened.stats.rows,
         "listening"
     );
-    crate::systemd::ready(
-        &agent,
-        &format!("listening grpc={grpc_addr} http={http_addr}"),
-    );
+    let mut status = format!("listening grpc={grpc_addr} http={http_addr}");
+    for (key, socket) in [("grpc_socket", &grpc_socket), ("http_socket", &http_socket)] {
+        if let Some(socket) = socket {
+            status.push_str(&format!(" {key}={socket}"));
+        }
+    }
+    crate::systemd::ready(&agent, &status);
 
     agent.tokens.begin.cancelled().await;
     Ok(shutdown::run(agent).await)
@@ -324,8 +350,52 @@ pub async fn drain(
     run(config, spool, opened, Listeners::default(), tokens).await
 }
 
-/// Serve an OTLP listener with the `[receiver]` connection limits.
-fn serve(agent: &Agent, name: &'static str, listener: TcpListener, router: axum::Router) {
+/// Every address the receivers serve on, as `listener_info` metrics; returns
+/// the Unix socket paths (gRPC, HTTP) for the `listening` line.
+fn record_listening(metrics: &Metrics, l: &Listeners) -> (Option<String>, Option<String>) {
+    let tcp = |l: &Option<TcpListener>| {
+        l.as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.to_string())
+    };
+    let unix = |l: &Option<UnixSocketListener>| l.as_ref().map(|l| l.path().display().to_string());
+    let (grpc_socket, http_socket) = (unix(&l.grpc_unix), unix(&l.http_unix));
+    for (receiver, transport, address) in [
+        ("grpc", "tcp", tcp(&l.grpc)),
+        ("grpc", "unix", grpc_socket.clone()),
+        ("http", "tcp", tcp(&l.http)),
+        ("http", "unix", http_socket.clone()),
+    ] {
+        if let Some(address) = address {
+            metrics.listening(receiver, transport, &address);
+        }
+    }
+    (grpc_socket, http_socket)
+}
+
+/// Serve one receiver's router on its TCP listener and its Unix socket.
+fn serve_both(
+    agent: &Agent,
+    names: [&'static str; 2],
+    tcp: Option<TcpListener>,
+    unix: Option<UnixSocketListener>,
+    router: axum::Router,
+) {
+    if let Some(listener) = tcp {
+        serve(agent, names[0], listener, router.clone());
+    }
+    if let Some(listener) = unix {
+        serve(agent, names[1], listener, router);
+    }
+}
+
+/// Serve an OTLP listener (TCP or Unix socket) with the `[receiver]` connection limits.
+fn serve<L: axum::serve::Listener>(
+    agent: &Agent,
+    name: &'static str,
+    listener: L,
+    router: axum::Router,
+) {
     let limits = ConnectionLimits::from(&agent.config.receiver);
     let serving = connections::serve(
         listener,

@@ -24,6 +24,8 @@ use crate::signal::Signal;
 
 type SignalLabel = [(&'static str, &'static str); 1];
 type SignalAnd = [(&'static str, &'static str); 2];
+/// receiver (grpc, http), transport (tcp, unix), address (ip:port or path).
+type ListenerLabels = [(&'static str, String); 3];
 
 /// Why a request was not accepted (a label value of `received_*_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +122,8 @@ pub struct Metrics {
     /// Items whose export was in flight when shutdown cut it: they are spooled
     /// and may reach upstream twice.
     pub duplicates_risked: AtomicU64,
+    /// 1 for every address the receivers serve on (`telespool status` lists them).
+    pub listener_info: Family<ListenerLabels, Gauge>,
 }
 
 fn sig(signal: Signal) -> SignalLabel {
@@ -151,6 +155,7 @@ impl Metrics {
             upstream_up: Gauge::default(),
             upstream_failing_since: Gauge::default(),
             duplicates_risked: AtomicU64::new(0),
+            listener_info: Family::default(),
         }
     }
 
@@ -249,7 +254,22 @@ impl Metrics {
             "Unix time upstream started failing; 0 while it is up",
             m.upstream_failing_since.clone(),
         );
+        r.register(
+            "listener_info",
+            "1 for each address a receiver serves on, by receiver, transport and address",
+            m.listener_info.clone(),
+        );
         r
+    }
+
+    /// Records that `receiver` serves on `address` over `transport` (tcp, unix).
+    pub fn listening(&self, receiver: &'static str, transport: &'static str, address: &str) {
+        let labels = [
+            ("receiver", receiver.to_owned()),
+            ("transport", transport.to_owned()),
+            ("address", address.to_owned()),
+        ];
+        self.listener_info.get_or_create(&labels).set(1);
     }
 
     pub fn received(&self, signal: Signal, outcome: &'static str, items: u64, bytes: u64) {

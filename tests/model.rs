@@ -270,8 +270,7 @@ impl World {
         let addr = ok(grpc.local_addr());
         let listeners = Listeners {
             grpc: Some(grpc),
-            http: None,
-            admin: None,
+            ..Listeners::default()
         };
         let tokens = ShutdownTokens::new();
         let task = tokio::spawn(app::run(
