@@ -85,11 +85,12 @@ async fn spool_files_are_created_0600_and_a_world_writable_one_is_refused_untouc
         ));
     }
 
-    // Group access is the operator's business; the agent starts.
+    // A group-writable file is accepted, and set back to 0600.
     ok(std::fs::set_permissions(
         &spool,
         std::fs::Permissions::from_mode(0o660),
     ));
     let mut agent = ok(builder.start().await);
+    assert_eq!(mode(&spool), 0o600);
     agent.kill();
 }
