@@ -127,14 +127,25 @@ pub fn prepare(config: UnixSocketConfig) -> Result<Prepared, UnixSocketError> {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("/"),
     };
-    if !dir.is_dir() {
-        return Err(UnixSocketError::NoDirectory {
+    let io_err = |source| UnixSocketError::Io {
+        action: "check the directory of",
+        section,
+        path: config.path.clone(),
+        source,
+    };
+    match fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(Prepared { config, gid }),
+        Ok(_) => Err(io_err(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            format!("{} is not a directory", dir.display()),
+        ))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(UnixSocketError::NoDirectory {
             section,
             path: config.path.clone(),
             dir: dir.to_owned(),
-        });
+        }),
+        Err(e) => Err(io_err(e)),
     }
-    Ok(Prepared { config, gid })
 }
 
 impl Prepared {
