@@ -1,8 +1,9 @@
 //! Assembly: build the stages, start them on task trackers under one
 //! cancellation tree, and hand over to the shutdown sequence.
 //!
-//! Entry points take what the caller bound ([`Listeners`]) and the opened
-//! spool, so tests, `main` and socket activation all share [`run`].
+//! Entry points take what the caller bound ([`Listeners`]), the opened spool
+//! and the files the config names, read before either ([`Files`]), so tests,
+//! `main` and socket activation all share [`run`].
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,12 +20,14 @@ use crate::config::Config;
 use crate::exporter::{ExporterError, Upstream};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
-use crate::receiver::auth::{self, TokenFileError, Tokens};
+use crate::receiver::auth::{self, TokenFileError};
 use crate::receiver::connections::{self, ConnectionLimits};
 use crate::receiver::{self, Receiver};
+use crate::reload::{Files, ReloadRequests, Reloadable, Reloader};
 use crate::shutdown::{self, Summary};
 use crate::signal::Signal;
 use crate::spool::{OpenReport, Spool};
+use crate::tls::{ServerTls, TlsError};
 
 /// The sockets the agent serves on, bound by the caller.
 #[derive(Debug, Default)]
@@ -51,6 +54,8 @@ pub enum StartError {
     Exporter(#[from] ExporterError),
     #[error(transparent)]
     TokenFile(#[from] TokenFileError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 impl Listeners {
@@ -167,30 +172,42 @@ pub struct Agent {
     pub tokens: ShutdownTokens,
 }
 
-/// Run the agent until the shutdown sequence completes.
+/// Run the agent until the shutdown sequence completes. `files` is
+/// [`Files::load`] of `config`; a request on `reload` re-reads them.
 pub async fn run(
     config: Config,
+    files: Files,
     spool: Spool,
     opened: OpenReport,
     listeners: Listeners,
     tokens: ShutdownTokens,
+    reload: ReloadRequests,
 ) -> Result<Summary, StartError> {
-    let tokens_required = match &config.receiver.auth.token_file {
-        Some(path) => Some(Arc::new(Tokens::from_file(path)?)),
-        None => None,
-    };
+    let tokens_required = files.tokens.map(Reloadable::new);
+    let receiver_tls = files.receiver_tls.map(Reloadable::new);
     let metrics = Arc::new(Metrics::new());
     for signal in Signal::ALL {
         metrics.set_spooled_at_start(signal, opened.stats.items[signal.index()]);
     }
-    let upstream = match &config.upstream.endpoint {
-        Some(endpoint) => Some(Upstream::new(&config.upstream, endpoint)?),
-        None => {
+    let upstream = match (&config.upstream.endpoint, files.upstream) {
+        (Some(endpoint), Some(setup)) => Some(Upstream::new(&config.upstream, endpoint, setup)),
+        // `files` was loaded from another config: read the upstream's files now.
+        (Some(endpoint), None) => {
+            let setup = crate::exporter::UpstreamSetup::load(&config.upstream, endpoint)?;
+            Some(Upstream::new(&config.upstream, endpoint, setup))
+        }
+        (None, _) => {
             tracing::warn!(
                 "no upstream.endpoint configured: data is buffered, then refused with backpressure, and spooled at shutdown"
             );
             None
         }
+    };
+    let reloader = Reloader {
+        tokens: tokens_required.clone(),
+        receiver_tls: receiver_tls.clone(),
+        upstream: upstream.clone().filter(|_| config.upstream.reads_files()),
+        config: config.clone(),
     };
     let pipeline = Pipeline::new(&config, metrics.clone(), spool, upstream);
     let receiver = Receiver::new(
@@ -246,7 +263,8 @@ pub async fn run(
         let router = tonic::service::Routes::new(health_service)
             .into_axum_router()
             .merge(otlp);
-        serve(&agent, "grpc server", listener, router);
+        let tls = server_tls(&agent, &receiver_tls, "grpc");
+        serve(&agent, "grpc server", listener, router, tls);
     }
     if let Some(listener) = listeners.http {
         let router = receiver::http::router(
@@ -254,7 +272,8 @@ pub async fn run(
             &agent.config.receiver.http.cors,
             tokens_required.clone(),
         );
-        serve(&agent, "http server", listener, router);
+        let tls = server_tls(&agent, &receiver_tls, "http");
+        serve(&agent, "http server", listener, router, tls);
     }
     if let Some(listener) = listeners.admin {
         // The admin listener stays up through shutdown so /readyz shows 503.
@@ -273,11 +292,17 @@ pub async fn run(
     }
 
     start_pipeline_tasks(&agent);
+    agent.panics.spawn(
+        &agent.background,
+        "reloader",
+        reloader.run(reload, agent.stop_background.clone()),
+    );
     agent.admin.ready.store(true, Ordering::Release);
     tracing::info!(
         grpc = %grpc_addr,
         http = %http_addr,
         admin = %admin_addr,
+        tls = receiver_tls.is_some(),
         upstream = agent.config.upstream.endpoint.as_deref().unwrap_or("none"),
         spool_rows = opened.stats.rows,
         "listening"
@@ -295,10 +320,12 @@ pub async fn run(
 /// `timeout` passes, then run the normal shutdown sequence.
 pub async fn drain(
     config: Config,
+    files: Files,
     spool: Spool,
     opened: OpenReport,
     timeout: std::time::Duration,
     tokens: ShutdownTokens,
+    reload: ReloadRequests,
 ) -> Result<Summary, StartError> {
     let watch = spool.clone();
     let begin = tokens.begin.clone();
@@ -321,16 +348,40 @@ pub async fn drain(
         }
         begin.cancel();
     });
-    run(config, spool, opened, Listeners::default(), tokens).await
+    let listeners = Listeners::default();
+    run(config, files, spool, opened, listeners, tokens, reload).await
+}
+
+/// The handshake side of `[receiver.tls]` for one listener, if configured.
+fn server_tls(
+    agent: &Agent,
+    config: &Option<Reloadable<rustls::ServerConfig>>,
+    listener: &'static str,
+) -> Option<ServerTls> {
+    config.as_ref().map(|config| {
+        ServerTls::new(
+            config.clone(),
+            agent.config.receiver.header_timeout,
+            listener,
+            agent.metrics.tls_handshake_failures.clone(),
+        )
+    })
 }
 
 /// Serve an OTLP listener with the `[receiver]` connection limits.
-fn serve(agent: &Agent, name: &'static str, listener: TcpListener, router: axum::Router) {
+fn serve(
+    agent: &Agent,
+    name: &'static str,
+    listener: TcpListener,
+    router: axum::Router,
+    tls: Option<ServerTls>,
+) {
     let limits = ConnectionLimits::from(&agent.config.receiver);
     let serving = connections::serve(
         listener,
         router,
         limits,
+        tls,
         agent.close_listeners.clone(),
         agent.panics.clone(),
     );
