@@ -417,3 +417,79 @@ async fn sighup_rereads_the_token_file_new_token_accepted_old_refused() {
         "a token appeared in the log"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sighup_fixes_a_wrong_upstream_ca_and_the_held_data_arrives() {
+    let dir = ok(tempfile::tempdir());
+    let upstream_ca = TestCa::new("upstream CA");
+    let upstream =
+        Upstream::start_tls(ServerTlsConfig::new().identity(upstream_ca.server_cert().identity()))
+            .await;
+    // The agent starts trusting the wrong CA: exports fail and are retried.
+    let wrong = TestCa::new("not the upstream's CA");
+    let ca_file = dir.path().join("upstream-ca.pem");
+    write_atomically(&ca_file, &wrong.pem);
+    let config = format!(
+        "[upstream.tls]\nca_file = {}\nserver_name = \"localhost\"\n\
+         [upstream.retry]\ninitial_backoff = \"50ms\"\nmax_backoff = \"200ms\"\n",
+        toml_path(&ca_file)
+    );
+    let agent = start_agent(&upstream, &config).await;
+
+    let ids = fresh_ids(40);
+    ok(send(agent.grpc_addr(), Signal::Logs, &ids).await);
+    ok(
+        eventually("the agent reports upstream down", DEADLINE, || async {
+            let up = ok(agent.metric("telespool_upstream_up").await);
+            (up == Some(0.0)).then_some(())
+        })
+        .await,
+    );
+    assert!(upstream.received_ids(Signal::Logs).is_empty());
+
+    write_atomically(&ca_file, &upstream_ca.pem);
+    agent.signal(UnixSignal::SIGHUP);
+    ok(agent.wait_for_log("reloaded files", DEADLINE).await);
+    ok(upstream
+        .wait_for_ids(Signal::Logs, &id_set(&ids), DEADLINE)
+        .await);
+    upstream.assert_received_exactly(Signal::Logs, &id_set(&ids));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sighup_rereads_the_upstream_headers_file() {
+    let dir = ok(tempfile::tempdir());
+    let headers = dir.path().join("upstream-headers");
+    write_atomically(&headers, "authorization: Bearer first-secret\n");
+    let upstream = Upstream::start().await;
+    let config = format!("[upstream]\nheaders_file = {}\n", toml_path(&headers));
+    let agent = start_agent(&upstream, &config).await;
+
+    let first = fresh_ids(5);
+    ok(send(agent.grpc_addr(), Signal::Traces, &first).await);
+    ok(upstream
+        .wait_for_ids(Signal::Traces, &id_set(&first), DEADLINE)
+        .await);
+    assert_eq!(
+        upstream.last_header("authorization").as_deref(),
+        Some("Bearer first-secret")
+    );
+
+    write_atomically(&headers, "authorization: Bearer second-secret\n");
+    agent.signal(UnixSignal::SIGHUP);
+    ok(agent.wait_for_log("reloaded files", DEADLINE).await);
+    let second = fresh_ids(5);
+    ok(send(agent.grpc_addr(), Signal::Traces, &second).await);
+    ok(upstream
+        .wait_for_ids(Signal::Traces, &id_set(&second), DEADLINE)
+        .await);
+    assert_eq!(
+        upstream.last_header("authorization").as_deref(),
+        Some("Bearer second-secret")
+    );
+    let stderr = agent.stderr();
+    assert!(
+        !stderr.contains("first-secret") && !stderr.contains("second-secret"),
+        "an upstream secret appeared in the log"
+    );
+}
