@@ -782,6 +782,40 @@ mod cors_tests {
     }
 
     #[test]
+    fn tls_sections_are_checked() {
+        let e = parse("[receiver.tls]\ncert_file = \"/c.pem\"\n")
+            .expect_err("no key_file")
+            .to_string();
+        assert!(e.contains("key_file"), "{e}");
+        let https = "[upstream]\nendpoint = \"https://gw.example:4317\"\n";
+        for (tls, complaint) in [
+            ("", ""),
+            ("ca_file = \"/ca.pem\"\nserver_name = \"gw.example\"\n", ""),
+            ("cert_file = \"/c.pem\"\n", "without upstream.tls.key_file"),
+            ("key_file = \"/k.pem\"\n", "without upstream.tls.cert_file"),
+            (
+                "server_name = \"not a name!\"\n",
+                "upstream.tls.server_name",
+            ),
+        ] {
+            let result = parse(&format!("{https}[upstream.tls]\n{tls}"));
+            match complaint {
+                "" => assert!(result.is_ok(), "{tls}: {:?}", result.err()),
+                _ => {
+                    let e = result.expect_err(tls).to_string();
+                    assert!(e.contains(complaint), "{e}");
+                }
+            }
+        }
+        for endpoint in ["", "[upstream]\nendpoint = \"http://gw.example:4317\"\n"] {
+            let e = parse(&format!("{endpoint}[upstream.tls]\n"))
+                .expect_err("TLS without https")
+                .to_string();
+            assert!(e.contains("[upstream.tls] is set but"), "{e}");
+        }
+    }
+
+    #[test]
     fn cors_origins_are_read_and_checked() {
         let config =
             parse("[receiver.http.cors]\nallowed_origins = [\"https://app.example.com\", \"*\"]\n")
