@@ -276,6 +276,43 @@ async fn a_key_that_does_not_match_the_certificate_stops_the_start_naming_the_fi
     assert_start_refused(&config, "upstream.tls.key_file").await;
 }
 
+#[test]
+fn check_config_reads_the_tls_files_it_names() {
+    let dir = ok(tempfile::tempdir());
+    let (_, files) = server_files(dir.path(), "server");
+    let run = |cert: &Path| {
+        let config = dir.path().join("config.toml");
+        ok(std::fs::write(
+            &config,
+            format!(
+                "[receiver.tls]\ncert_file = {}\nkey_file = {}\n",
+                toml_path(cert),
+                toml_path(&files.key)
+            ),
+        ));
+        ok(std::process::Command::new(env!("CARGO_BIN_EXE_telespool"))
+            .arg("check-config")
+            .arg("--config")
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .output())
+    };
+    let good = run(&files.cert);
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    // The key file given as the certificate: no certificate in it.
+    let bad = run(&files.key);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("receiver.tls.cert_file") && stderr.contains("holds no certificate"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_tls_keys_with_a_plaintext_endpoint_are_a_config_error() {
     let upstream = Upstream::start().await;
