@@ -1,8 +1,9 @@
 //! Assembly: build the stages, start them on task trackers under one
 //! cancellation tree, and hand over to the shutdown sequence.
 //!
-//! Entry points take what the caller bound ([`Listeners`]) and the opened
-//! spool, so tests, `main` and socket activation all share [`run`].
+//! Entry points take what the caller bound ([`Listeners`]), the opened spool
+//! and the files the config names, read before either ([`Files`]), so tests,
+//! `main` and socket activation all share [`run`].
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,13 +20,15 @@ use crate::config::Config;
 use crate::exporter::{ExporterError, Upstream};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
-use crate::receiver::auth::{self, TokenFileError, Tokens};
+use crate::receiver::auth::{self, TokenFileError};
 use crate::receiver::connections::{self, ConnectionLimits};
 use crate::receiver::unix_socket::{self, UnixSocketError, UnixSocketListener};
 use crate::receiver::{self, Receiver};
+use crate::reload::{Files, ReloadRequests, Reloadable, Reloader};
 use crate::shutdown::{self, Summary};
 use crate::signal::Signal;
 use crate::spool::{OpenReport, Spool};
+use crate::tls::{ServerTls, TlsError};
 
 /// The sockets the agent serves on, bound by the caller.
 #[derive(Debug, Default)]
@@ -58,6 +61,8 @@ pub enum StartError {
     TokenFile(#[from] TokenFileError),
     #[error(transparent)]
     UnixSocket(#[from] UnixSocketError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 impl Listeners {
@@ -185,30 +190,42 @@ pub struct Agent {
     pub tokens: ShutdownTokens,
 }
 
-/// Run the agent until the shutdown sequence completes.
+/// Run the agent until the shutdown sequence completes. `files` is
+/// [`Files::load`] of `config`; a request on `reload` re-reads them.
 pub async fn run(
     config: Config,
+    files: Files,
     spool: Spool,
     opened: OpenReport,
     listeners: Listeners,
     tokens: ShutdownTokens,
+    reload: ReloadRequests,
 ) -> Result<Summary, StartError> {
-    let tokens_required = match &config.receiver.auth.token_file {
-        Some(path) => Some(Arc::new(Tokens::from_file(path)?)),
-        None => None,
-    };
+    let tokens_required = files.tokens.map(Reloadable::new);
+    let receiver_tls = files.receiver_tls.map(Reloadable::new);
     let metrics = Arc::new(Metrics::new());
     for signal in Signal::ALL {
         metrics.set_spooled_at_start(signal, opened.stats.items[signal.index()]);
     }
-    let upstream = match &config.upstream.endpoint {
-        Some(endpoint) => Some(Upstream::new(&config.upstream, endpoint)?),
-        None => {
+    let upstream = match (&config.upstream.endpoint, files.upstream) {
+        (Some(endpoint), Some(setup)) => Some(Upstream::new(&config.upstream, endpoint, setup)),
+        // `files` was loaded from another config: read the upstream's files now.
+        (Some(endpoint), None) => {
+            let setup = crate::exporter::UpstreamSetup::load(&config.upstream, endpoint)?;
+            Some(Upstream::new(&config.upstream, endpoint, setup))
+        }
+        (None, _) => {
             tracing::warn!(
                 "no upstream.endpoint configured: data is buffered, then refused with backpressure, and spooled at shutdown"
             );
             None
         }
+    };
+    let reloader = Reloader {
+        tokens: tokens_required.clone(),
+        receiver_tls: receiver_tls.clone(),
+        upstream: upstream.clone().filter(|_| config.upstream.reads_files()),
+        config: config.clone(),
     };
     let pipeline = Pipeline::new(&config, metrics.clone(), spool, upstream);
     let receiver = Receiver::new(
@@ -266,7 +283,8 @@ pub async fn run(
             .into_axum_router()
             .merge(otlp);
         let names = ["grpc server", "grpc unix socket server"];
-        serve_both(&agent, names, listeners.grpc, listeners.grpc_unix, router);
+        let tls = server_tls(&agent, &receiver_tls, "grpc");
+        serve_both(&agent, names, listeners.grpc, listeners.grpc_unix, router, tls);
     }
     if listeners.http.is_some() || listeners.http_unix.is_some() {
         let router = receiver::http::router(
@@ -275,7 +293,8 @@ pub async fn run(
             tokens_required.clone(),
         );
         let names = ["http server", "http unix socket server"];
-        serve_both(&agent, names, listeners.http, listeners.http_unix, router);
+        let tls = server_tls(&agent, &receiver_tls, "http");
+        serve_both(&agent, names, listeners.http, listeners.http_unix, router, tls);
     }
     if let Some(listener) = listeners.admin {
         // The admin listener stays up through shutdown so /readyz shows 503.
@@ -294,6 +313,11 @@ pub async fn run(
     }
 
     start_pipeline_tasks(&agent);
+    agent.panics.spawn(
+        &agent.background,
+        "reloader",
+        reloader.run(reload, agent.stop_background.clone()),
+    );
     agent.admin.ready.store(true, Ordering::Release);
     tracing::info!(
         grpc = %grpc_addr,
@@ -301,6 +325,7 @@ pub async fn run(
         admin = %admin_addr,
         grpc_socket = %grpc_socket.as_deref().unwrap_or("none"),
         http_socket = %http_socket.as_deref().unwrap_or("none"),
+        tls = receiver_tls.is_some(),
         upstream = agent.config.upstream.endpoint.as_deref().unwrap_or("none"),
         spool_rows = opened.stats.rows,
         "listening"
@@ -321,10 +346,12 @@ pub async fn run(
 /// `timeout` passes, then run the normal shutdown sequence.
 pub async fn drain(
     config: Config,
+    files: Files,
     spool: Spool,
     opened: OpenReport,
     timeout: std::time::Duration,
     tokens: ShutdownTokens,
+    reload: ReloadRequests,
 ) -> Result<Summary, StartError> {
     let watch = spool.clone();
     let begin = tokens.begin.clone();
@@ -347,7 +374,24 @@ pub async fn drain(
         }
         begin.cancel();
     });
-    run(config, spool, opened, Listeners::default(), tokens).await
+    let listeners = Listeners::default();
+    run(config, files, spool, opened, listeners, tokens, reload).await
+}
+
+/// The handshake side of `[receiver.tls]` for one listener, if configured.
+fn server_tls(
+    agent: &Agent,
+    config: &Option<Reloadable<rustls::ServerConfig>>,
+    listener: &'static str,
+) -> Option<ServerTls> {
+    config.as_ref().map(|config| {
+        ServerTls::new(
+            config.clone(),
+            agent.config.receiver.header_timeout,
+            listener,
+            agent.metrics.tls_handshake_failures.clone(),
+        )
+    })
 }
 
 /// Every address the receivers serve on, as `listener_info` metrics; returns
@@ -380,12 +424,13 @@ fn serve_both(
     tcp: Option<TcpListener>,
     unix: Option<UnixSocketListener>,
     router: axum::Router,
+    tls: Option<ServerTls>,
 ) {
     if let Some(listener) = tcp {
-        serve(agent, names[0], listener, router.clone());
+        serve(agent, names[0], listener, router.clone(), tls.clone());
     }
     if let Some(listener) = unix {
-        serve(agent, names[1], listener, router);
+        serve(agent, names[1], listener, router, tls);
     }
 }
 
@@ -395,12 +440,14 @@ fn serve<L: axum::serve::Listener>(
     name: &'static str,
     listener: L,
     router: axum::Router,
+    tls: Option<ServerTls>,
 ) {
     let limits = ConnectionLimits::from(&agent.config.receiver);
     let serving = connections::serve(
         listener,
         router,
         limits,
+        tls,
         agent.close_listeners.clone(),
         agent.panics.clone(),
     );

@@ -64,6 +64,38 @@ pub struct ReceiverConfig {
     #[serde(with = "duration")]
     pub keepalive_timeout: Duration,
     pub auth: AuthConfig,
+    /// TLS on both OTLP listeners; None: plaintext.
+    pub tls: Option<ReceiverTlsConfig>,
+}
+
+/// TLS for the OTLP listeners (`[receiver.tls]`), gRPC and HTTP alike. The
+/// files are read at start and again on SIGHUP.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverTlsConfig {
+    /// PEM certificate chain the listeners present, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key of the leaf certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM CA certificates; when set, every client must present a
+    /// certificate issued by one of them (mutual TLS).
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// TLS settings for an `https://` upstream (`[upstream.tls]`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// PEM CA certificates that verify upstream's certificate, instead of
+    /// the system's roots. None: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain presented to upstream (with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// Name checked against upstream's certificate instead of the
+    /// endpoint's host (for an endpoint given by IP address, say).
+    pub server_name: Option<String>,
 }
 
 /// Bearer-token authentication of clients (`[receiver.auth]`).
@@ -89,6 +121,7 @@ impl Default for ReceiverConfig {
             keepalive_interval: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(20),
             auth: AuthConfig::default(),
+            tls: None,
         }
     }
 }
@@ -494,6 +527,60 @@ pub struct UpstreamConfig {
     /// secrets out of the config file); its entries win over `headers`.
     pub headers_file: Option<PathBuf>,
     pub retry: RetryConfig,
+    /// Custom CA, client certificate and server name for an `https://` endpoint.
+    pub tls: Option<UpstreamTlsConfig>,
+}
+
+impl UpstreamConfig {
+    /// Whether the exporter reads files a reload should re-read: the
+    /// headers file, or TLS files (or the system roots) for `https://`.
+    pub fn reads_files(&self) -> bool {
+        self.headers_file.is_some()
+            || self
+                .endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("https://"))
+    }
+
+    /// `[upstream.tls]` needs an `https://` endpoint, and a client
+    /// certificate needs its key (and the other way round).
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        let Some(tls) = &self.tls else {
+            return Ok(());
+        };
+        match self.endpoint.as_deref() {
+            Some(endpoint) if endpoint.starts_with("https://") => {}
+            Some(endpoint) => {
+                return bad(format!(
+                    "[upstream.tls] is set but upstream.endpoint {endpoint:?} is not https://; \
+                     use an https:// endpoint or remove [upstream.tls]"
+                ))
+            }
+            None => {
+                return bad("[upstream.tls] is set but there is no upstream.endpoint; \
+                     set an https:// endpoint or remove [upstream.tls]"
+                    .into())
+            }
+        }
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(_), None) => {
+                return bad("upstream.tls.cert_file is set without upstream.tls.key_file".into())
+            }
+            (None, Some(_)) => {
+                return bad("upstream.tls.key_file is set without upstream.tls.cert_file".into())
+            }
+            _ => {}
+        }
+        if let Some(name) = &tls.server_name {
+            if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                return bad(format!(
+                    "upstream.tls.server_name {name:?} is not a DNS name or IP address"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for UpstreamConfig {
@@ -506,6 +593,7 @@ impl Default for UpstreamConfig {
             headers: BTreeMap::new(),
             headers_file: None,
             retry: RetryConfig::default(),
+            tls: None,
         }
     }
 }
@@ -763,6 +851,7 @@ impl Config {
                 return bad(format!("upstream.endpoint {endpoint:?} has no host"));
             }
         }
+        self.upstream.validate_tls()?;
         if self.shutdown.flush_budget > self.shutdown.timeout {
             return bad(format!(
                 "shutdown.flush_budget ({}) must not exceed shutdown.timeout ({})",
@@ -963,6 +1052,40 @@ mod cors_tests {
         }
         let e = parse("[receiver]\nbody_timeout = 5\n").expect_err("not a duration");
         assert!(e.to_string().contains("body_timeout"), "{e}");
+    }
+
+    #[test]
+    fn tls_sections_are_checked() {
+        let e = parse("[receiver.tls]\ncert_file = \"/c.pem\"\n")
+            .expect_err("no key_file")
+            .to_string();
+        assert!(e.contains("key_file"), "{e}");
+        let https = "[upstream]\nendpoint = \"https://gw.example:4317\"\n";
+        for (tls, complaint) in [
+            ("", ""),
+            ("ca_file = \"/ca.pem\"\nserver_name = \"gw.example\"\n", ""),
+            ("cert_file = \"/c.pem\"\n", "without upstream.tls.key_file"),
+            ("key_file = \"/k.pem\"\n", "without upstream.tls.cert_file"),
+            (
+                "server_name = \"not a name!\"\n",
+                "upstream.tls.server_name",
+            ),
+        ] {
+            let result = parse(&format!("{https}[upstream.tls]\n{tls}"));
+            match complaint {
+                "" => assert!(result.is_ok(), "{tls}: {:?}", result.err()),
+                _ => {
+                    let e = result.expect_err(tls).to_string();
+                    assert!(e.contains(complaint), "{e}");
+                }
+            }
+        }
+        for endpoint in ["", "[upstream]\nendpoint = \"http://gw.example:4317\"\n"] {
+            let e = parse(&format!("{endpoint}[upstream.tls]\n"))
+                .expect_err("TLS without https")
+                .to_string();
+            assert!(e.contains("[upstream.tls] is set but"), "{e}");
+        }
     }
 
     #[test]

@@ -119,6 +119,9 @@ pub struct Metrics {
     /// Unix time (seconds) of the first failure of the current failing
     /// stretch; 0 while upstream is up.
     pub upstream_failing_since: Gauge,
+    /// TLS handshakes on the OTLP listeners that failed, by listener (grpc,
+    /// http) and reason (timeout, client_certificate, error).
+    pub tls_handshake_failures: Family<SignalAnd, Counter>,
     /// Items whose export was in flight when shutdown cut it: they are spooled
     /// and may reach upstream twice.
     pub duplicates_risked: AtomicU64,
@@ -154,6 +157,7 @@ impl Metrics {
             spool_oldest_age_seconds: Gauge::default(),
             upstream_up: Gauge::default(),
             upstream_failing_since: Gauge::default(),
+            tls_handshake_failures: Family::default(),
             duplicates_risked: AtomicU64::new(0),
             listener_info: Family::default(),
         }
@@ -258,6 +262,11 @@ impl Metrics {
             "listener_info",
             "1 for each address a receiver serves on, by receiver, transport and address",
             m.listener_info.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "Failed TLS handshakes on the OTLP listeners, by listener and reason",
+            m.tls_handshake_failures.clone(),
         );
         r
     }

@@ -273,12 +273,15 @@ impl World {
             ..Listeners::default()
         };
         let tokens = ShutdownTokens::new();
+        let files = ok(telespool::reload::Files::load(&self.config));
         let task = tokio::spawn(app::run(
             self.config.clone(),
+            files,
             spool,
             opened,
             listeners,
             tokens.clone(),
+            telespool::reload::ReloadRequests::default(),
         ));
         self.running = Some(Running { addr, tokens, task });
     }

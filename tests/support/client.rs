@@ -98,6 +98,14 @@ impl Client {
         }
     }
 
+    /// A client over `channel` (for example a TLS one from [`super::tls`]).
+    pub fn with_channel(channel: Channel) -> Client {
+        Client {
+            channel,
+            gzip: false,
+        }
+    }
+
     /// Compress requests with gzip.
     pub fn gzip(mut self, on: bool) -> Client {
         self.gzip = on;
@@ -280,9 +288,17 @@ pub struct SenderBuilder {
     max_attempts: usize,
     initial_backoff: Duration,
     max_backoff: Duration,
+    /// Send over this channel instead of plaintext to `addr`.
+    channel: Option<Channel>,
 }
 
 impl SenderBuilder {
+    /// Send over `channel` (for example TLS) instead of plaintext to the address.
+    pub fn channel(mut self, channel: Channel) -> Self {
+        self.channel = Some(channel);
+        self
+    }
+
     /// Ids per request (K). Default 100.
     pub fn batch(mut self, k: usize) -> Self {
         self.batch = k.max(1);
@@ -339,7 +355,11 @@ impl SenderBuilder {
             batches: AtomicU64::new(0),
         });
         let started = Instant::now();
-        let client = Client::new(self.addr).gzip(self.gzip);
+        let client = match &self.channel {
+            Some(channel) => Client::with_channel(channel.clone()),
+            None => Client::new(self.addr),
+        }
+        .gzip(self.gzip);
         let tasks = (0..self.workers)
             .map(|_| {
                 tokio::spawn(worker(
@@ -468,6 +488,7 @@ impl Sender {
             max_attempts: 20,
             initial_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(200),
+            channel: None,
         }
     }
 
