@@ -1,8 +1,9 @@
 //! Assembly: build the stages, start them on task trackers under one
 //! cancellation tree, and hand over to the shutdown sequence.
 //!
-//! Entry points take what the caller bound ([`Listeners`]) and the opened
-//! spool, so tests, `main` and socket activation all share [`run`].
+//! Entry points take what the caller bound ([`Listeners`]), the opened spool
+//! and the files the config names, read before either ([`Files`]), so tests,
+//! `main` and socket activation all share [`run`].
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,12 +20,15 @@ use crate::config::Config;
 use crate::exporter::{ExporterError, Upstream};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
-use crate::receiver::auth::{self, TokenFileError, Tokens};
+use crate::receiver::auth::{self, TokenFileError};
 use crate::receiver::connections::{self, ConnectionLimits};
+use crate::receiver::unix_socket::{self, UnixSocketError, UnixSocketListener};
 use crate::receiver::{self, Receiver};
+use crate::reload::{Files, ReloadRequests, Reloadable, Reloader};
 use crate::shutdown::{self, Summary};
 use crate::signal::Signal;
 use crate::spool::{OpenReport, Spool};
+use crate::tls::{ServerTls, TlsError};
 
 /// The sockets the agent serves on, bound by the caller.
 #[derive(Debug, Default)]
@@ -32,6 +36,10 @@ pub struct Listeners {
     pub grpc: Option<TcpListener>,
     pub http: Option<TcpListener>,
     pub admin: Option<TcpListener>,
+    /// `receiver.grpc.unix_socket`, served besides (or instead of) TCP.
+    pub grpc_unix: Option<UnixSocketListener>,
+    /// `receiver.http.unix_socket`.
+    pub http_unix: Option<UnixSocketListener>,
 }
 
 /// Why the agent could not start.
@@ -51,6 +59,10 @@ pub enum StartError {
     Exporter(#[from] ExporterError),
     #[error(transparent)]
     TokenFile(#[from] TokenFileError),
+    #[error(transparent)]
+    UnixSocket(#[from] UnixSocketError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 impl Listeners {
@@ -72,16 +84,19 @@ impl Listeners {
                 })
         }
         let r = &config.receiver;
+        // Group lookups and directory checks fail before anything is bound.
+        let grpc_unix = r.grpc.unix_socket().map(unix_socket::prepare).transpose()?;
+        let http_unix = r.http.unix_socket().map(unix_socket::prepare).transpose()?;
         let inherited = crate::activation::take_from_env()?;
         Ok(Listeners {
-            grpc: match (r.grpc.enabled, inherited.grpc) {
+            grpc: match (r.grpc.serves_tcp(), inherited.grpc) {
                 (true, Some(listener)) => Some(listener),
                 (true, None) => {
                     Some(bind(r.grpc.listen, "OTLP/gRPC", "receiver.grpc.listen").await?)
                 }
                 (false, _) => None,
             },
-            http: match (r.http.enabled, inherited.http) {
+            http: match (r.http.serves_tcp(), inherited.http) {
                 (true, Some(listener)) => Some(listener),
                 (true, None) => {
                     Some(bind(r.http.listen, "OTLP/HTTP", "receiver.http.listen").await?)
@@ -91,6 +106,14 @@ impl Listeners {
             admin: match config.admin.enabled {
                 true => Some(bind(config.admin.listen, "admin", "admin.listen").await?),
                 false => None,
+            },
+            grpc_unix: match grpc_unix {
+                Some(socket) => Some(socket.bind().await?),
+                None => None,
+            },
+            http_unix: match http_unix {
+                Some(socket) => Some(socket.bind().await?),
+                None => None,
             },
         })
     }
@@ -167,30 +190,42 @@ pub struct Agent {
     pub tokens: ShutdownTokens,
 }
 
-/// Run the agent until the shutdown sequence completes.
+/// Run the agent until the shutdown sequence completes. `files` is
+/// [`Files::load`] of `config`; a request on `reload` re-reads them.
 pub async fn run(
     config: Config,
+    files: Files,
     spool: Spool,
     opened: OpenReport,
     listeners: Listeners,
     tokens: ShutdownTokens,
+    reload: ReloadRequests,
 ) -> Result<Summary, StartError> {
-    let tokens_required = match &config.receiver.auth.token_file {
-        Some(path) => Some(Arc::new(Tokens::from_file(path)?)),
-        None => None,
-    };
+    let tokens_required = files.tokens.map(Reloadable::new);
+    let receiver_tls = files.receiver_tls.map(Reloadable::new);
     let metrics = Arc::new(Metrics::new());
     for signal in Signal::ALL {
         metrics.set_spooled_at_start(signal, opened.stats.items[signal.index()]);
     }
-    let upstream = match &config.upstream.endpoint {
-        Some(endpoint) => Some(Upstream::new(&config.upstream, endpoint)?),
-        None => {
+    let upstream = match (&config.upstream.endpoint, files.upstream) {
+        (Some(endpoint), Some(setup)) => Some(Upstream::new(&config.upstream, endpoint, setup)),
+        // `files` was loaded from another config: read the upstream's files now.
+        (Some(endpoint), None) => {
+            let setup = crate::exporter::UpstreamSetup::load(&config.upstream, endpoint)?;
+            Some(Upstream::new(&config.upstream, endpoint, setup))
+        }
+        (None, _) => {
             tracing::warn!(
                 "no upstream.endpoint configured: data is buffered, then refused with backpressure, and spooled at shutdown"
             );
             None
         }
+    };
+    let reloader = Reloader {
+        tokens: tokens_required.clone(),
+        receiver_tls: receiver_tls.clone(),
+        upstream: upstream.clone().filter(|_| config.upstream.reads_files()),
+        config: config.clone(),
     };
     let pipeline = Pipeline::new(&config, metrics.clone(), spool, upstream);
     let receiver = Receiver::new(
@@ -235,8 +270,9 @@ pub async fn run(
         addr(&listeners.http),
         addr(&listeners.admin),
     );
+    let (grpc_socket, http_socket) = record_listening(&agent.metrics, &listeners);
 
-    if let Some(listener) = listeners.grpc {
+    if listeners.grpc.is_some() || listeners.grpc_unix.is_some() {
         let mut otlp = receiver::grpc::router(agent.receiver.clone());
         if let Some(tokens) = &tokens_required {
             let receiver = agent.receiver.clone();
@@ -246,15 +282,19 @@ pub async fn run(
         let router = tonic::service::Routes::new(health_service)
             .into_axum_router()
             .merge(otlp);
-        serve(&agent, "grpc server", listener, router);
+        let names = ["grpc server", "grpc unix socket server"];
+        let tls = server_tls(&agent, &receiver_tls, "grpc");
+        serve_both(&agent, names, listeners.grpc, listeners.grpc_unix, router, tls);
     }
-    if let Some(listener) = listeners.http {
+    if listeners.http.is_some() || listeners.http_unix.is_some() {
         let router = receiver::http::router(
             agent.receiver.clone(),
             &agent.config.receiver.http.cors,
             tokens_required.clone(),
         );
-        serve(&agent, "http server", listener, router);
+        let names = ["http server", "http unix socket server"];
+        let tls = server_tls(&agent, &receiver_tls, "http");
+        serve_both(&agent, names, listeners.http, listeners.http_unix, router, tls);
     }
     if let Some(listener) = listeners.admin {
         // The admin listener stays up through shutdown so /readyz shows 503.
@@ -273,19 +313,30 @@ pub async fn run(
     }
 
     start_pipeline_tasks(&agent);
+    agent.panics.spawn(
+        &agent.background,
+        "reloader",
+        reloader.run(reload, agent.stop_background.clone()),
+    );
     agent.admin.ready.store(true, Ordering::Release);
     tracing::info!(
         grpc = %grpc_addr,
         http = %http_addr,
         admin = %admin_addr,
+        grpc_socket = %grpc_socket.as_deref().unwrap_or("none"),
+        http_socket = %http_socket.as_deref().unwrap_or("none"),
+        tls = receiver_tls.is_some(),
         upstream = agent.config.upstream.endpoint.as_deref().unwrap_or("none"),
         spool_rows = opened.stats.rows,
         "listening"
     );
-    crate::systemd::ready(
-        &agent,
-        &format!("listening grpc={grpc_addr} http={http_addr}"),
-    );
+    let mut status = format!("listening grpc={grpc_addr} http={http_addr}");
+    for (key, socket) in [("grpc_socket", &grpc_socket), ("http_socket", &http_socket)] {
+        if let Some(socket) = socket {
+            status.push_str(&format!(" {key}={socket}"));
+        }
+    }
+    crate::systemd::ready(&agent, &status);
 
     agent.tokens.begin.cancelled().await;
     Ok(shutdown::run(agent).await)
@@ -295,10 +346,12 @@ pub async fn run(
 /// `timeout` passes, then run the normal shutdown sequence.
 pub async fn drain(
     config: Config,
+    files: Files,
     spool: Spool,
     opened: OpenReport,
     timeout: std::time::Duration,
     tokens: ShutdownTokens,
+    reload: ReloadRequests,
 ) -> Result<Summary, StartError> {
     let watch = spool.clone();
     let begin = tokens.begin.clone();
@@ -321,16 +374,80 @@ pub async fn drain(
         }
         begin.cancel();
     });
-    run(config, spool, opened, Listeners::default(), tokens).await
+    let listeners = Listeners::default();
+    run(config, files, spool, opened, listeners, tokens, reload).await
 }
 
-/// Serve an OTLP listener with the `[receiver]` connection limits.
-fn serve(agent: &Agent, name: &'static str, listener: TcpListener, router: axum::Router) {
+/// The handshake side of `[receiver.tls]` for one listener, if configured.
+fn server_tls(
+    agent: &Agent,
+    config: &Option<Reloadable<rustls::ServerConfig>>,
+    listener: &'static str,
+) -> Option<ServerTls> {
+    config.as_ref().map(|config| {
+        ServerTls::new(
+            config.clone(),
+            agent.config.receiver.header_timeout,
+            listener,
+            agent.metrics.tls_handshake_failures.clone(),
+        )
+    })
+}
+
+/// Every address the receivers serve on, as `listener_info` metrics; returns
+/// the Unix socket paths (gRPC, HTTP) for the `listening` line.
+fn record_listening(metrics: &Metrics, l: &Listeners) -> (Option<String>, Option<String>) {
+    let tcp = |l: &Option<TcpListener>| {
+        l.as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.to_string())
+    };
+    let unix = |l: &Option<UnixSocketListener>| l.as_ref().map(|l| l.path().display().to_string());
+    let (grpc_socket, http_socket) = (unix(&l.grpc_unix), unix(&l.http_unix));
+    for (receiver, transport, address) in [
+        ("grpc", "tcp", tcp(&l.grpc)),
+        ("grpc", "unix", grpc_socket.clone()),
+        ("http", "tcp", tcp(&l.http)),
+        ("http", "unix", http_socket.clone()),
+    ] {
+        if let Some(address) = address {
+            metrics.listening(receiver, transport, &address);
+        }
+    }
+    (grpc_socket, http_socket)
+}
+
+/// Serve one receiver's router on its TCP listener and its Unix socket.
+fn serve_both(
+    agent: &Agent,
+    names: [&'static str; 2],
+    tcp: Option<TcpListener>,
+    unix: Option<UnixSocketListener>,
+    router: axum::Router,
+    tls: Option<ServerTls>,
+) {
+    if let Some(listener) = tcp {
+        serve(agent, names[0], listener, router.clone(), tls.clone());
+    }
+    if let Some(listener) = unix {
+        serve(agent, names[1], listener, router, tls);
+    }
+}
+
+/// Serve an OTLP listener (TCP or Unix socket) with the `[receiver]` connection limits.
+fn serve<L: axum::serve::Listener>(
+    agent: &Agent,
+    name: &'static str,
+    listener: L,
+    router: axum::Router,
+    tls: Option<ServerTls>,
+) {
     let limits = ConnectionLimits::from(&agent.config.receiver);
     let serving = connections::serve(
         listener,
         router,
         limits,
+        tls,
         agent.close_listeners.clone(),
         agent.panics.clone(),
     );

@@ -85,6 +85,25 @@ pub async fn status(addr: SocketAddr) -> Result<String, CommandError> {
             "NOT READY (starting or shutting down)"
         }
     ));
+    for receiver in ["grpc", "http"] {
+        let on: Vec<String> = metrics
+            .lines()
+            .filter(|l| l.starts_with("telespool_listener_info{"))
+            .filter(|l| label_value(l, "receiver").as_deref() == Some(receiver))
+            .filter_map(|l| {
+                Some(format!(
+                    "{} {}",
+                    label_value(l, "transport")?,
+                    label_value(l, "address")?
+                ))
+            })
+            .collect();
+        let on = match on.is_empty() {
+            true => "disabled".to_owned(),
+            false => on.join(", "),
+        };
+        out.push_str(&format!("{receiver}: {on}\n"));
+    }
     out.push_str(&format!(
         "upstream: {}\n",
         if sample("telespool_upstream_up") >= 1.0 {
@@ -116,6 +135,30 @@ pub async fn status(addr: SocketAddr) -> Result<String, CommandError> {
         ));
     }
     Ok(out)
+}
+
+/// The value of label `name` in a Prometheus text sample line, unescaped.
+fn label_value(line: &str, name: &str) -> Option<String> {
+    let labels = &line[line.find('{')? + 1..];
+    let start = labels
+        .match_indices(&format!("{name}=\""))
+        .find(|(i, _)| *i == 0 || labels[..*i].ends_with(','))?
+        .0
+        + name.len()
+        + 2;
+    let mut value = String::new();
+    let mut chars = labels[start..].chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return Some(value),
+            '\\' => match chars.next()? {
+                'n' => value.push('\n'),
+                escaped => value.push(escaped),
+            },
+            c => value.push(c),
+        }
+    }
+    None
 }
 
 /// `telespool spool stats`.
@@ -209,4 +252,22 @@ pub fn spool_export(
         }
     }
     Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_read_by_name_and_unescaped() {
+        let line = r#"telespool_listener_info{receiver="grpc",transport="unix",address="/run/a \"b\"\\c.sock"} 1"#;
+        assert_eq!(label_value(line, "receiver").as_deref(), Some("grpc"));
+        assert_eq!(label_value(line, "transport").as_deref(), Some("unix"));
+        assert_eq!(
+            label_value(line, "address").as_deref(),
+            Some(r#"/run/a "b"\c.sock"#)
+        );
+        assert_eq!(label_value(line, "port"), None);
+        assert_eq!(label_value("telespool_up 1", "receiver"), None);
+    }
 }

@@ -64,6 +64,38 @@ pub struct ReceiverConfig {
     #[serde(with = "duration")]
     pub keepalive_timeout: Duration,
     pub auth: AuthConfig,
+    /// TLS on both OTLP listeners; None: plaintext.
+    pub tls: Option<ReceiverTlsConfig>,
+}
+
+/// TLS for the OTLP listeners (`[receiver.tls]`), gRPC and HTTP alike. The
+/// files are read at start and again on SIGHUP.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverTlsConfig {
+    /// PEM certificate chain the listeners present, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key of the leaf certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM CA certificates; when set, every client must present a
+    /// certificate issued by one of them (mutual TLS).
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// TLS settings for an `https://` upstream (`[upstream.tls]`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// PEM CA certificates that verify upstream's certificate, instead of
+    /// the system's roots. None: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain presented to upstream (with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// Name checked against upstream's certificate instead of the
+    /// endpoint's host (for an endpoint given by IP address, say).
+    pub server_name: Option<String>,
 }
 
 /// Bearer-token authentication of clients (`[receiver.auth]`).
@@ -89,6 +121,7 @@ impl Default for ReceiverConfig {
             keepalive_interval: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(20),
             auth: AuthConfig::default(),
+            tls: None,
         }
     }
 }
@@ -96,10 +129,28 @@ impl Default for ReceiverConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
-    /// Address to bind; `enabled = false` turns the listener off.
+    /// Address to bind; `enabled = false` turns the listener off (TCP and
+    /// Unix socket).
+    #[serde(default = "grpc_listen")]
     pub listen: SocketAddr,
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// Also serve on this Unix domain socket (absolute path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix_socket: Option<PathBuf>,
+    /// File mode of the socket: who may connect.
+    #[serde(default)]
+    pub unix_socket_mode: SocketMode,
+    /// Group of the socket (name or numeric gid); None: the agent's group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix_socket_group: Option<Group>,
+    /// Serve the Unix socket only: bind no TCP address.
+    #[serde(default)]
+    pub unix_socket_only: bool,
+}
+
+fn grpc_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 4317))
 }
 
 impl ListenerConfig {
@@ -107,7 +158,27 @@ impl ListenerConfig {
         ListenerConfig {
             listen: addr.parse().expect("built-in address is valid"),
             enabled: true,
+            unix_socket: None,
+            unix_socket_mode: SocketMode::default(),
+            unix_socket_group: None,
+            unix_socket_only: false,
         }
+    }
+
+    /// Whether the TCP address is served.
+    pub fn serves_tcp(&self) -> bool {
+        self.enabled && !self.unix_socket_only
+    }
+
+    /// The Unix socket to serve, if any.
+    pub fn unix_socket(&self) -> Option<UnixSocketConfig> {
+        UnixSocketConfig::of(
+            "receiver.grpc",
+            self.enabled,
+            &self.unix_socket,
+            self.unix_socket_mode,
+            &self.unix_socket_group,
+        )
     }
 }
 
@@ -148,9 +219,17 @@ impl ReceiverConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpListenerConfig {
-    /// Address to bind; `enabled = false` turns the listener off.
+    /// Address to bind; `enabled = false` turns the listener off (TCP and
+    /// Unix socket).
     pub listen: SocketAddr,
     pub enabled: bool,
+    /// As in [`ListenerConfig`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unix_socket: Option<PathBuf>,
+    pub unix_socket_mode: SocketMode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unix_socket_group: Option<Group>,
+    pub unix_socket_only: bool,
     /// Cross-origin access for browser SDKs; off unless origins are listed.
     pub cors: CorsConfig,
 }
@@ -160,7 +239,213 @@ impl Default for HttpListenerConfig {
         HttpListenerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 4318)),
             enabled: true,
+            unix_socket: None,
+            unix_socket_mode: SocketMode::default(),
+            unix_socket_group: None,
+            unix_socket_only: false,
             cors: CorsConfig::default(),
+        }
+    }
+}
+
+impl HttpListenerConfig {
+    /// Whether the TCP address is served.
+    pub fn serves_tcp(&self) -> bool {
+        self.enabled && !self.unix_socket_only
+    }
+
+    /// The Unix socket to serve, if any.
+    pub fn unix_socket(&self) -> Option<UnixSocketConfig> {
+        UnixSocketConfig::of(
+            "receiver.http",
+            self.enabled,
+            &self.unix_socket,
+            self.unix_socket_mode,
+            &self.unix_socket_group,
+        )
+    }
+}
+
+/// One receiver's Unix domain socket, from its `unix_socket*` keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnixSocketConfig {
+    /// `receiver.grpc` or `receiver.http`: errors name `<section>.unix_socket`.
+    pub section: &'static str,
+    pub path: PathBuf,
+    pub mode: SocketMode,
+    pub group: Option<Group>,
+}
+
+impl UnixSocketConfig {
+    fn of(
+        section: &'static str,
+        enabled: bool,
+        path: &Option<PathBuf>,
+        mode: SocketMode,
+        group: &Option<Group>,
+    ) -> Option<UnixSocketConfig> {
+        let path = path.as_ref().filter(|_| enabled)?;
+        Some(UnixSocketConfig {
+            section,
+            path: path.clone(),
+            mode,
+            group: group.clone(),
+        })
+    }
+}
+
+/// Longest Unix socket path: `sun_path` is 108 bytes on Linux, with a NUL at the end.
+pub const MAX_UNIX_SOCKET_PATH: usize = 107;
+
+/// Checks one receiver's `unix_socket*` keys.
+fn validate_unix_socket(
+    section: &str,
+    path: Option<&Path>,
+    group: Option<&Group>,
+    only: bool,
+) -> Result<(), ConfigError> {
+    let bad = |msg: String| Err(ConfigError::Invalid(msg));
+    let Some(path) = path else {
+        if only {
+            return bad(format!(
+                "{section}.unix_socket_only = true needs {section}.unix_socket; \
+                 to turn the receiver off set {section}.enabled = false"
+            ));
+        }
+        if group.is_some() {
+            return bad(format!(
+                "{section}.unix_socket_group is set but {section}.unix_socket is not"
+            ));
+        }
+        return Ok(());
+    };
+    if !path.is_absolute() {
+        return bad(format!(
+            "{section}.unix_socket {path:?} must be an absolute path (such as \
+             \"/run/telespool/otlp.sock\")"
+        ));
+    }
+    if path.file_name().is_none() || path.as_os_str().as_encoded_bytes().ends_with(b"/") {
+        return bad(format!(
+            "{section}.unix_socket {path:?} names a directory; give the socket's file path"
+        ));
+    }
+    let len = path.as_os_str().len();
+    if len > MAX_UNIX_SOCKET_PATH {
+        return bad(format!(
+            "{section}.unix_socket {path:?} is {len} bytes long; a Unix socket path can \
+             have at most {MAX_UNIX_SOCKET_PATH} (the kernel's sun_path), so pick a shorter one"
+        ));
+    }
+    Ok(())
+}
+
+/// File mode of a Unix socket; in TOML an octal string such as `"0660"`.
+///
+/// Connecting needs write permission on the socket file, so the mode decides
+/// who may send: `"0660"` (the default) the agent's user and the socket's
+/// group, `"0666"` every local user (like a loopback TCP port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketMode(pub u32);
+
+impl Default for SocketMode {
+    fn default() -> Self {
+        SocketMode(0o660)
+    }
+}
+
+impl fmt::Display for SocketMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04o}", self.0)
+    }
+}
+
+impl std::str::FromStr for SocketMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let digits = s.trim();
+        let digits = digits.strip_prefix("0o").unwrap_or(digits);
+        let octal =
+            (3..=4).contains(&digits.len()) && digits.bytes().all(|b| (b'0'..=b'7').contains(&b));
+        let mode = match octal {
+            true => u32::from_str_radix(digits, 8).ok(),
+            false => None,
+        };
+        match mode {
+            Some(mode) if mode <= 0o777 => Ok(SocketMode(mode)),
+            Some(_) => Err(format!(
+                "{s:?}: a socket's mode has permission bits only (at most \"0777\")"
+            )),
+            None => Err(format!(
+                "{s:?} is not a file mode: expected octal digits such as \"0660\""
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SocketMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "expected the mode as a string such as \"0660\" (a bare 660 would be read as decimal)",
+            )
+        })?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for SocketMode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+/// A group, by name or numeric gid; in TOML a string (`"otel"`, `"1001"`) or
+/// an integer (`1001`). A string of digits is a gid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Group {
+    Name(String),
+    Id(u32),
+}
+
+impl fmt::Display for Group {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Group::Name(name) => f.write_str(name),
+            Group::Id(gid) => write!(f, "{gid}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Group {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u32),
+            Str(String),
+        }
+        let raw = Raw::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("expected a group name or a numeric gid"))?;
+        match raw {
+            Raw::Int(gid) => Ok(Group::Id(gid)),
+            Raw::Str(s) if s.is_empty() => Err(serde::de::Error::custom(
+                "the group name is empty; give a group name or a numeric gid",
+            )),
+            Raw::Str(s) => Ok(match s.parse::<u32>() {
+                Ok(gid) if s.bytes().all(|b| b.is_ascii_digit()) => Group::Id(gid),
+                _ => Group::Name(s),
+            }),
+        }
+    }
+}
+
+impl Serialize for Group {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Group::Name(name) => s.serialize_str(name),
+            Group::Id(gid) => s.serialize_u32(*gid),
         }
     }
 }
@@ -242,6 +527,60 @@ pub struct UpstreamConfig {
     /// secrets out of the config file); its entries win over `headers`.
     pub headers_file: Option<PathBuf>,
     pub retry: RetryConfig,
+    /// Custom CA, client certificate and server name for an `https://` endpoint.
+    pub tls: Option<UpstreamTlsConfig>,
+}
+
+impl UpstreamConfig {
+    /// Whether the exporter reads files a reload should re-read: the
+    /// headers file, or TLS files (or the system roots) for `https://`.
+    pub fn reads_files(&self) -> bool {
+        self.headers_file.is_some()
+            || self
+                .endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("https://"))
+    }
+
+    /// `[upstream.tls]` needs an `https://` endpoint, and a client
+    /// certificate needs its key (and the other way round).
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        let Some(tls) = &self.tls else {
+            return Ok(());
+        };
+        match self.endpoint.as_deref() {
+            Some(endpoint) if endpoint.starts_with("https://") => {}
+            Some(endpoint) => {
+                return bad(format!(
+                    "[upstream.tls] is set but upstream.endpoint {endpoint:?} is not https://; \
+                     use an https:// endpoint or remove [upstream.tls]"
+                ))
+            }
+            None => {
+                return bad("[upstream.tls] is set but there is no upstream.endpoint; \
+                     set an https:// endpoint or remove [upstream.tls]"
+                    .into())
+            }
+        }
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(_), None) => {
+                return bad("upstream.tls.cert_file is set without upstream.tls.key_file".into())
+            }
+            (None, Some(_)) => {
+                return bad("upstream.tls.key_file is set without upstream.tls.cert_file".into())
+            }
+            _ => {}
+        }
+        if let Some(name) = &tls.server_name {
+            if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                return bad(format!(
+                    "upstream.tls.server_name {name:?} is not a DNS name or IP address"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for UpstreamConfig {
@@ -254,6 +593,7 @@ impl Default for UpstreamConfig {
             headers: BTreeMap::new(),
             headers_file: None,
             retry: RetryConfig::default(),
+            tls: None,
         }
     }
 }
@@ -511,6 +851,7 @@ impl Config {
                 return bad(format!("upstream.endpoint {endpoint:?} has no host"));
             }
         }
+        self.upstream.validate_tls()?;
         if self.shutdown.flush_budget > self.shutdown.timeout {
             return bad(format!(
                 "shutdown.flush_budget ({}) must not exceed shutdown.timeout ({})",
@@ -532,6 +873,27 @@ impl Config {
             }
         }
         self.receiver.validate_limits()?;
+        let (grpc, http) = (&self.receiver.grpc, &self.receiver.http);
+        validate_unix_socket(
+            "receiver.grpc",
+            grpc.unix_socket.as_deref(),
+            grpc.unix_socket_group.as_ref(),
+            grpc.unix_socket_only,
+        )?;
+        validate_unix_socket(
+            "receiver.http",
+            http.unix_socket.as_deref(),
+            http.unix_socket_group.as_ref(),
+            http.unix_socket_only,
+        )?;
+        if let (Some(a), Some(b)) = (&grpc.unix_socket, &http.unix_socket) {
+            if a == b {
+                return bad(format!(
+                    "receiver.grpc.unix_socket and receiver.http.unix_socket are both {a:?}; \
+                     each receiver needs its own socket"
+                ));
+            }
+        }
         if self.spool.max_bytes.0 < 64 * 1024 {
             return bad("spool.max_bytes must be at least 64KiB".into());
         }
@@ -693,6 +1055,40 @@ mod cors_tests {
     }
 
     #[test]
+    fn tls_sections_are_checked() {
+        let e = parse("[receiver.tls]\ncert_file = \"/c.pem\"\n")
+            .expect_err("no key_file")
+            .to_string();
+        assert!(e.contains("key_file"), "{e}");
+        let https = "[upstream]\nendpoint = \"https://gw.example:4317\"\n";
+        for (tls, complaint) in [
+            ("", ""),
+            ("ca_file = \"/ca.pem\"\nserver_name = \"gw.example\"\n", ""),
+            ("cert_file = \"/c.pem\"\n", "without upstream.tls.key_file"),
+            ("key_file = \"/k.pem\"\n", "without upstream.tls.cert_file"),
+            (
+                "server_name = \"not a name!\"\n",
+                "upstream.tls.server_name",
+            ),
+        ] {
+            let result = parse(&format!("{https}[upstream.tls]\n{tls}"));
+            match complaint {
+                "" => assert!(result.is_ok(), "{tls}: {:?}", result.err()),
+                _ => {
+                    let e = result.expect_err(tls).to_string();
+                    assert!(e.contains(complaint), "{e}");
+                }
+            }
+        }
+        for endpoint in ["", "[upstream]\nendpoint = \"http://gw.example:4317\"\n"] {
+            let e = parse(&format!("{endpoint}[upstream.tls]\n"))
+                .expect_err("TLS without https")
+                .to_string();
+            assert!(e.contains("[upstream.tls] is set but"), "{e}");
+        }
+    }
+
+    #[test]
     fn cors_origins_are_read_and_checked() {
         let config =
             parse("[receiver.http.cors]\nallowed_origins = [\"https://app.example.com\", \"*\"]\n")
@@ -715,5 +1111,132 @@ mod cors_tests {
             .expect_err("no cors on grpc")
             .to_string();
         assert!(e.contains("unknown field `cors`"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod unix_socket_tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config = Config::from_toml(text, Path::new("test.toml"))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[track_caller]
+    fn refused(text: &str, needles: &[&str]) {
+        let e = parse(text).expect_err(text).to_string();
+        for needle in needles {
+            assert!(e.contains(needle), "{needle:?} not in: {e}");
+        }
+    }
+
+    #[test]
+    fn socket_keys_are_read_with_a_0660_default_mode_next_to_the_tcp_address() {
+        let config = parse(
+            "[receiver.grpc]\nunix_socket = \"/run/telespool/grpc.sock\"\n\
+             unix_socket_group = \"otel\"\n\
+             [receiver.http]\nunix_socket = \"/run/telespool/http.sock\"\n\
+             unix_socket_mode = \"0600\"\nunix_socket_group = 1001\nunix_socket_only = true\n",
+        )
+        .expect("valid");
+        let (grpc, http) = (&config.receiver.grpc, &config.receiver.http);
+        assert_eq!(
+            grpc.listen,
+            ReceiverConfig::default().grpc.listen,
+            "listen keeps its default"
+        );
+        assert!(grpc.serves_tcp());
+        let socket = grpc.unix_socket().expect("grpc socket");
+        assert_eq!(socket.path, Path::new("/run/telespool/grpc.sock"));
+        assert_eq!(socket.mode, SocketMode(0o660));
+        assert_eq!(socket.group, Some(Group::Name("otel".into())));
+        assert!(!http.serves_tcp(), "unix_socket_only");
+        let socket = http.unix_socket().expect("http socket");
+        assert_eq!(
+            (socket.mode, socket.group),
+            (SocketMode(0o600), Some(Group::Id(1001)))
+        );
+
+        let off = parse("[receiver.grpc]\nenabled = false\nunix_socket = \"/run/x.sock\"\n")
+            .expect("valid");
+        assert!(
+            off.receiver.grpc.unix_socket().is_none(),
+            "enabled = false turns both off"
+        );
+        assert!(!off.receiver.grpc.serves_tcp());
+
+        let shown = config.to_toml();
+        assert!(shown.contains("unix_socket_mode = \"0600\""), "{shown}");
+        assert_eq!(parse(&shown).expect("round trip"), config);
+    }
+
+    #[test]
+    fn socket_paths_must_be_absolute_short_and_distinct() {
+        refused(
+            "[receiver.grpc]\nunix_socket = \"otlp.sock\"\n",
+            &["receiver.grpc.unix_socket", "absolute path"],
+        );
+        refused(
+            "[receiver.http]\nunix_socket = \"/run/telespool/\"\n",
+            &["receiver.http.unix_socket", "directory"],
+        );
+        let long = format!("/run/{}.sock", "x".repeat(100));
+        refused(
+            &format!("[receiver.http]\nunix_socket = {long:?}\n"),
+            &["receiver.http.unix_socket", "110 bytes", "at most 107"],
+        );
+        let longest = format!("/run/{}.sock", "x".repeat(97));
+        assert_eq!(longest.len(), MAX_UNIX_SOCKET_PATH);
+        parse(&format!("[receiver.http]\nunix_socket = {longest:?}\n")).expect("107 bytes fit");
+        refused(
+            "[receiver.grpc]\nunix_socket = \"/run/a.sock\"\n[receiver.http]\nunix_socket = \"/run/a.sock\"\n",
+            &["receiver.grpc.unix_socket and receiver.http.unix_socket", "own socket"],
+        );
+    }
+
+    #[test]
+    fn socket_mode_group_and_only_switch_are_checked() {
+        for (mode, needle) in [
+            ("660", "decimal"),
+            ("\"rw-rw----\"", "not a file mode"),
+            ("\"0668\"", "not a file mode"),
+            ("\"04660\"", "not a file mode"),
+            ("\"1777\"", "permission bits only"),
+        ] {
+            refused(
+                &format!(
+                    "[receiver.grpc]\nunix_socket = \"/run/a.sock\"\nunix_socket_mode = {mode}\n"
+                ),
+                &["unix_socket_mode", needle],
+            );
+        }
+        for (text, mode) in [("\"640\"", 0o640), ("\"0o666\"", 0o666), ("\"0000\"", 0)] {
+            let config = parse(&format!(
+                "[receiver.grpc]\nunix_socket = \"/run/a.sock\"\nunix_socket_mode = {text}\n"
+            ))
+            .expect(text);
+            assert_eq!(config.receiver.grpc.unix_socket_mode, SocketMode(mode));
+        }
+        refused(
+            "[receiver.grpc]\nunix_socket_only = true\n",
+            &[
+                "receiver.grpc.unix_socket_only",
+                "needs receiver.grpc.unix_socket",
+            ],
+        );
+        refused(
+            "[receiver.http]\nunix_socket_group = \"otel\"\n",
+            &["receiver.http.unix_socket_group is set"],
+        );
+        refused(
+            "[receiver.grpc]\nunix_socket = \"/run/a.sock\"\nunix_socket_group = \"\"\n",
+            &["unix_socket_group", "empty"],
+        );
+        refused(
+            "[receiver.grpc]\nunix_sock = \"/run/a.sock\"\n",
+            &["unknown field `unix_sock`"],
+        );
     }
 }

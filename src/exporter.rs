@@ -8,15 +8,19 @@
 //! small and is decoded with the OTLP types only to read a partial-success
 //! report. Upstream health
 //! (up, failing since, last error) is tracked here and logged on each change.
+//!
+//! The endpoint, its TLS files and `upstream.headers_file` are read into an
+//! [`UpstreamSetup`] before the listeners are bound; SIGHUP builds a new one
+//! and [`Upstream::reload`] swaps it in without touching exports in flight.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::HeaderValue;
 use prost::Message;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
@@ -35,6 +39,9 @@ pub enum ExporterError {
     /// A key or value in `upstream.headers` is not valid gRPC metadata.
     #[error("upstream.headers: {key:?} is not a valid gRPC metadata {what} (use lower-case ASCII keys and printable ASCII values)")]
     Header { key: String, what: &'static str },
+    /// A file of `[upstream.tls]` cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// `upstream.headers_file` cannot be read or has a line that is not `key: value`.
     #[error("upstream.headers_file {path}: {message}")]
     HeadersFile {
@@ -86,20 +93,22 @@ pub struct Accepted {
     pub message: String,
 }
 
-/// Client for one upstream endpoint, cheap to clone.
+/// The upstream's endpoint (with TLS) and metadata as the config and its
+/// files describe them. Built before anything is bound, and again on SIGHUP
+/// ([`Upstream::reload`]).
 #[derive(Clone, Debug)]
-pub struct Upstream {
-    channel: Channel,
-    endpoint: String,
-    timeout: Duration,
-    compression: Compression,
+pub struct UpstreamSetup {
+    endpoint: Endpoint,
     headers: MetadataMap,
-    health: Arc<Health>,
+    /// An `https://` endpoint: a reload builds a new channel with the
+    /// re-read TLS files.
+    https: bool,
 }
 
-impl Upstream {
-    /// Build the client; connects lazily, so an unreachable upstream is not an error here.
-    pub fn new(cfg: &UpstreamConfig, endpoint: &str) -> Result<Upstream, ExporterError> {
+impl UpstreamSetup {
+    /// Read `upstream.headers_file` and the `[upstream.tls]` files and
+    /// configure the endpoint. Needs no runtime.
+    pub fn load(cfg: &UpstreamConfig, endpoint: &str) -> Result<UpstreamSetup, ExporterError> {
         let ep_err = |source| ExporterError::Endpoint {
             endpoint: endpoint.to_owned(),
             source,
@@ -111,10 +120,10 @@ impl Upstream {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(false);
-        if endpoint.starts_with("https://") {
-            ep = ep
-                .tls_config(ClientTlsConfig::new().with_native_roots())
-                .map_err(ep_err)?;
+        let https = endpoint.starts_with("https://");
+        if https {
+            let tls = crate::tls::client_config(cfg.tls.as_ref())?;
+            ep = ep.tls_config(tls).map_err(ep_err)?;
         }
         let mut all = cfg.headers.clone();
         if let Some(path) = &cfg.headers_file {
@@ -134,14 +143,60 @@ impl Upstream {
             value.set_sensitive(true);
             headers.insert(key, value);
         }
-        Ok(Upstream {
-            channel: ep.connect_lazy(),
+        Ok(UpstreamSetup {
+            endpoint: ep,
+            headers,
+            https,
+        })
+    }
+}
+
+/// What a reload can replace: the channel (TLS) and the metadata. An export
+/// takes clones of both when it starts, so a batch in flight finishes on the
+/// channel it began on.
+#[derive(Debug)]
+struct Live {
+    channel: Channel,
+    headers: MetadataMap,
+}
+
+/// Client for one upstream endpoint, cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    live: Arc<RwLock<Live>>,
+    endpoint: String,
+    timeout: Duration,
+    compression: Compression,
+    health: Arc<Health>,
+}
+
+impl Upstream {
+    /// Build the client; connects lazily, so an unreachable upstream is not
+    /// an error here. Must be called inside a tokio runtime.
+    pub fn new(cfg: &UpstreamConfig, endpoint: &str, setup: UpstreamSetup) -> Upstream {
+        Upstream {
+            live: Arc::new(RwLock::new(Live {
+                channel: setup.endpoint.connect_lazy(),
+                headers: setup.headers,
+            })),
             endpoint: endpoint.to_owned(),
             timeout: cfg.timeout,
             compression: cfg.compression,
-            headers,
             health: Arc::new(Health::new(endpoint)),
-        })
+        }
+    }
+
+    /// Use re-read files from now on: new metadata, and for an `https://`
+    /// endpoint a new channel (new TLS files; it connects on first use).
+    /// Exports in flight finish on the old channel, which closes once the
+    /// last of them has ended. Must be called inside a tokio runtime.
+    pub fn reload(&self, setup: UpstreamSetup) {
+        let channel = setup.https.then(|| setup.endpoint.connect_lazy());
+        let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(channel) = channel {
+            live.channel = channel;
+        }
+        live.headers = setup.headers;
     }
 
     pub fn endpoint(&self) -> &str {
@@ -178,8 +233,12 @@ impl Upstream {
             http::Request::new(tonic::body::Body::new(http_body_util::Full::new(frame)));
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = http::Uri::from_static(signal.grpc_path());
+        let (mut channel, metadata) = {
+            let live = self.live.read().unwrap_or_else(|e| e.into_inner());
+            (live.channel.clone(), live.headers.clone())
+        };
         let headers = request.headers_mut();
-        headers.extend(self.headers.clone().into_headers());
+        headers.extend(metadata.into_headers());
         headers.insert(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
@@ -197,7 +256,6 @@ impl Upstream {
         {
             headers.insert("grpc-timeout", v);
         }
-        let mut channel = self.channel.clone();
         let exchange = async {
             std::future::poll_fn(|cx| tower_service::Service::poll_ready(&mut channel, cx))
                 .await

@@ -10,7 +10,8 @@
 //! ```
 //!
 //! `app` assembles the stages under one cancellation tree; `shutdown` owns the
-//! order of the stop sequence.
+//! order of the stop sequence; `tls` and `reload` hold the files read at start
+//! and on SIGHUP.
 #![forbid(unsafe_code)]
 
 pub mod activation;
@@ -27,9 +28,11 @@ pub mod metrics;
 pub mod pipeline;
 pub mod queue;
 pub mod receiver;
+pub mod reload;
 pub mod retry;
 pub mod shutdown;
 pub mod signal;
 pub mod spool;
 pub mod systemd;
+pub mod tls;
 pub mod wire;

@@ -9,6 +9,7 @@ use telespool::app::{self, Listeners, ShutdownTokens};
 use telespool::cli::{Cli, Command, SpoolCommand};
 use telespool::commands;
 use telespool::config::{Config, LogFormat, SyncMode};
+use telespool::reload::{Files, ReloadRequests};
 use telespool::spool::{Spool, SpoolOptions, Synchronous};
 
 fn main() -> ExitCode {
@@ -23,6 +24,11 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
             print!("{}", config.to_toml());
+            // The files it names too: what a start or a SIGHUP would read.
+            if let Err(e) = Files::load(&config) {
+                eprintln!("telespool: {e}");
+                return ExitCode::from(2);
+            }
             eprintln!("telespool: configuration is valid");
             ExitCode::SUCCESS
         }
@@ -106,6 +112,15 @@ fn init_logging(config: &Config) {
 
 fn run(config: Config, drain: Option<std::time::Duration>) -> ExitCode {
     init_logging(&config);
+    // Token, TLS and header files: before the spool and the sockets, so a bad
+    // file stops the start as early as a config error.
+    let files = match Files::load(&config) {
+        Ok(files) => files,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return ExitCode::from(2);
+        }
+    };
     let spool_path = config.spool.resolved_path();
     let options = SpoolOptions {
         max_bytes: config.spool.max_bytes.0,
@@ -160,10 +175,13 @@ fn run(config: Config, drain: Option<std::time::Duration>) -> ExitCode {
             }
         };
         let tokens = ShutdownTokens::new();
-        tokio::spawn(watch_signals(tokens.clone()));
+        let reload = ReloadRequests::default();
+        tokio::spawn(watch_signals(tokens.clone(), reload.clone()));
         let result = match drain {
-            Some(timeout) => app::drain(config, spool, opened, timeout, tokens).await,
-            None => app::run(config, spool, opened, listeners, tokens).await,
+            Some(timeout) => {
+                app::drain(config, files, spool, opened, timeout, tokens, reload).await
+            }
+            None => app::run(config, files, spool, opened, listeners, tokens, reload).await,
         };
         match result {
             Ok(summary) if drain.is_some() && summary.spool_rows_left > 0 => {
@@ -183,23 +201,50 @@ fn run(config: Config, drain: Option<std::time::Duration>) -> ExitCode {
 }
 
 /// First SIGTERM/SIGINT begins the shutdown sequence; a second one forces it.
-async fn watch_signals(tokens: ShutdownTokens) {
+/// SIGHUP re-reads the token, TLS and upstream headers files. The handlers
+/// are installed when this is called (inside the runtime), before the agent
+/// reports itself ready, so an early SIGHUP cannot kill it.
+fn watch_signals(
+    tokens: ShutdownTokens,
+    reload: ReloadRequests,
+) -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!(
-            "cannot install signal handlers; stop telespool with SIGKILL only as a last resort"
-        );
-        return;
-    };
-    for round in 0..2 {
+        signal(SignalKind::hangup()),
+    );
+    async move {
+        let (Ok(term), Ok(int), Ok(hup)) = handlers else {
+            tracing::error!(
+                "cannot install signal handlers; stop telespool with SIGKILL only as a last resort"
+            );
+            return;
+        };
+        serve_signals(term, int, hup, tokens, reload).await
+    }
+}
+
+async fn serve_signals(
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
+    mut hup: tokio::signal::unix::Signal,
+    tokens: ShutdownTokens,
+    reload: ReloadRequests,
+) {
+    let mut round = 0;
+    while round < 2 {
         let name = tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
+            _ = hup.recv() => {
+                tracing::info!(signal = "SIGHUP", "reloading token, TLS and upstream headers files");
+                reload.request();
+                continue;
+            }
         };
-        if round == 0 {
+        round += 1;
+        if round == 1 {
             tracing::info!(signal = name, "stop signal received; starting shutdown");
             tokens.begin.cancel();
         } else {

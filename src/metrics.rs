@@ -24,6 +24,8 @@ use crate::signal::Signal;
 
 type SignalLabel = [(&'static str, &'static str); 1];
 type SignalAnd = [(&'static str, &'static str); 2];
+/// receiver (grpc, http), transport (tcp, unix), address (ip:port or path).
+type ListenerLabels = [(&'static str, String); 3];
 
 /// Why a request was not accepted (a label value of `received_*_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,9 +119,14 @@ pub struct Metrics {
     /// Unix time (seconds) of the first failure of the current failing
     /// stretch; 0 while upstream is up.
     pub upstream_failing_since: Gauge,
+    /// TLS handshakes on the OTLP listeners that failed, by listener (grpc,
+    /// http) and reason (timeout, client_certificate, error).
+    pub tls_handshake_failures: Family<SignalAnd, Counter>,
     /// Items whose export was in flight when shutdown cut it: they are spooled
     /// and may reach upstream twice.
     pub duplicates_risked: AtomicU64,
+    /// 1 for every address the receivers serve on (`telespool status` lists them).
+    pub listener_info: Family<ListenerLabels, Gauge>,
 }
 
 fn sig(signal: Signal) -> SignalLabel {
@@ -150,7 +157,9 @@ impl Metrics {
             spool_oldest_age_seconds: Gauge::default(),
             upstream_up: Gauge::default(),
             upstream_failing_since: Gauge::default(),
+            tls_handshake_failures: Family::default(),
             duplicates_risked: AtomicU64::new(0),
+            listener_info: Family::default(),
         }
     }
 
@@ -249,7 +258,27 @@ impl Metrics {
             "Unix time upstream started failing; 0 while it is up",
             m.upstream_failing_since.clone(),
         );
+        r.register(
+            "listener_info",
+            "1 for each address a receiver serves on, by receiver, transport and address",
+            m.listener_info.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "Failed TLS handshakes on the OTLP listeners, by listener and reason",
+            m.tls_handshake_failures.clone(),
+        );
         r
+    }
+
+    /// Records that `receiver` serves on `address` over `transport` (tcp, unix).
+    pub fn listening(&self, receiver: &'static str, transport: &'static str, address: &str) {
+        let labels = [
+            ("receiver", receiver.to_owned()),
+            ("transport", transport.to_owned()),
+            ("address", address.to_owned()),
+        ];
+        self.listener_info.get_or_create(&labels).set(1);
     }
 
     pub fn received(&self, signal: Signal, outcome: &'static str, items: u64, bytes: u64) {

@@ -270,16 +270,18 @@ impl World {
         let addr = ok(grpc.local_addr());
         let listeners = Listeners {
             grpc: Some(grpc),
-            http: None,
-            admin: None,
+            ..Listeners::default()
         };
         let tokens = ShutdownTokens::new();
+        let files = ok(telespool::reload::Files::load(&self.config));
         let task = tokio::spawn(app::run(
             self.config.clone(),
+            files,
             spool,
             opened,
             listeners,
             tokens.clone(),
+            telespool::reload::ReloadRequests::default(),
         ));
         self.running = Some(Running { addr, tokens, task });
     }

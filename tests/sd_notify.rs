@@ -41,8 +41,10 @@ async fn the_agent_notifies_ready_pings_the_watchdog_and_notifies_stopping() {
     let dir = ok(tempfile::tempdir());
     let path = dir.path().join("notify.sock");
     let socket = ok(UnixDatagram::bind(&path));
+    let otlp_socket = dir.path().join("otlp.sock");
 
     let mut agent = ok(AgentProcess::builder()
+        .config_toml(&format!("[receiver.grpc]\nunix_socket = {otlp_socket:?}\n"))
         .env("NOTIFY_SOCKET", &path.to_string_lossy())
         // 200 ms: the agent pings every 100 ms.
         .env("WATCHDOG_USEC", "200000")
@@ -54,8 +56,9 @@ async fn the_agent_notifies_ready_pings_the_watchdog_and_notifies_stopping() {
     assert!(
         ready
             .lines()
-            .any(|l| l.starts_with("STATUS=listening grpc=")),
-        "READY=1 comes with a status line: {ready:?}"
+            .any(|l| l.starts_with("STATUS=listening grpc=")
+                && l.ends_with(&format!(" grpc_socket={}", otlp_socket.display()))),
+        "READY=1 comes with a status line naming the Unix socket: {ready:?}"
     );
     for ping in 1..=2 {
         let seen = ok(wait_for(&socket, "WATCHDOG=1").await);

@@ -378,6 +378,7 @@ async fn spool_directory_is_created_0700_and_its_files_are_0600() {
     assert_eq!(mode(path.parent().expect("parent")), 0o700);
     assert_eq!(mode(&path), 0o600);
     assert_eq!(mode(Path::new(&format!("{}-wal", path.display()))), 0o600);
+    assert_eq!(mode(Path::new(&format!("{}-shm", path.display()))), 0o600);
     assert_eq!(mode(Path::new(&format!("{}.lock", path.display()))), 0o600);
     spool.close().await.expect("close");
 }

@@ -1,8 +1,10 @@
 //! Bearer-token authentication for the OTLP receivers (`receiver.auth.token_file`).
 //!
-//! Tokens are read once at start from a file (one per line; blank lines and
-//! lines starting with `#` are skipped), never from the command line or the
-//! environment, where other users could read them. A request must carry
+//! Tokens are read from a file at start and again on SIGHUP (one per line;
+//! blank lines and lines starting with `#` are skipped), never from the
+//! command line or the environment, where other users could read them. A
+//! reload replaces the whole set: the next request is checked against the
+//! new tokens. A request must carry
 //! `Authorization: Bearer <token>` matching one of them; otherwise it is refused
 //! with gRPC UNAUTHENTICATED / HTTP 401 (through [`IngestError::Unauthenticated`],
 //! so the mapping stays in one place), counted as `outcome="unauthenticated"`.
@@ -29,6 +31,7 @@ use http::header;
 use subtle::ConstantTimeEq;
 
 use super::{IngestError, Receiver};
+use crate::reload::Reloadable;
 use crate::signal::Signal;
 
 /// Why the token file could not be used.
@@ -113,7 +116,7 @@ pub enum Protocol {
 
 #[derive(Clone)]
 struct Guard {
-    tokens: Arc<Tokens>,
+    tokens: Reloadable<Tokens>,
     receiver: Arc<Receiver>,
     protocol: Protocol,
 }
@@ -121,7 +124,7 @@ struct Guard {
 /// Require a bearer token on every route of `router`.
 pub fn require_token(
     router: Router,
-    tokens: Arc<Tokens>,
+    tokens: Reloadable<Tokens>,
     receiver: Arc<Receiver>,
     protocol: Protocol,
 ) -> Router {
@@ -134,7 +137,7 @@ pub fn require_token(
 }
 
 async fn check(State(guard): State<Guard>, request: Request, next: Next) -> Response {
-    if guard.tokens.authorizes(&request) {
+    if guard.tokens.get().authorizes(&request) {
         return next.run(request).await;
     }
     let e = IngestError::Unauthenticated;

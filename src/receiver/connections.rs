@@ -17,6 +17,9 @@
 //!   connection that never sends a byte, so silent clients cannot pin permits.
 //! - The **body deadline** is the handlers' (they know the protocol's status
 //!   code); see `receiver.body_timeout` and [`super::IngestError::BodyTimeout`].
+//! - **TLS** (`[receiver.tls]`): the handshake runs in the connection's task,
+//!   after the permit is taken and never in the loop, bounded by
+//!   `header_timeout` ([`crate::tls::ServerTls::accept`]).
 //!
 //! Shutdown: when `stop` fires the loop drops the listener and every connection
 //! is shut down gracefully (HTTP/2 GOAWAY, HTTP/1 close after the current
@@ -40,6 +43,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::app::PanicFlag;
 use crate::config::ReceiverConfig;
+use crate::tls::ServerTls;
 
 /// The connection-level limits of one listener (from `[receiver]`).
 #[derive(Clone, Debug)]
@@ -94,6 +98,7 @@ pub async fn serve<L: Listener>(
     mut listener: L,
     router: Router,
     limits: ConnectionLimits,
+    tls: Option<ServerTls>,
     stop: CancellationToken,
     panics: PanicFlag,
 ) {
@@ -112,15 +117,18 @@ pub async fn serve<L: Listener>(
             _ = stop.cancelled() => break,
             (io, _addr) = listener.accept() => io,
         };
-        let connection = connection(
-            io,
-            builder.clone(),
-            router.clone(),
-            limits.idle_timeout,
-            stop.clone(),
-        );
+        let (builder, router, stop, tls) =
+            (builder.clone(), router.clone(), stop.clone(), tls.clone());
+        let idle_timeout = limits.idle_timeout;
         panics.spawn(&connections, "connection", async move {
-            connection.await;
+            match tls {
+                None => connection(io, builder, router, idle_timeout, stop).await,
+                Some(tls) => {
+                    if let Some(io) = tls.accept(io, &stop).await {
+                        connection(io, builder, router, idle_timeout, stop).await;
+                    }
+                }
+            }
             drop(permit);
         });
     }

@@ -10,6 +10,7 @@ pub mod connections;
 pub mod grpc;
 pub mod http;
 pub mod otlp_json;
+pub mod unix_socket;
 
 use std::sync::Arc;
 use std::time::Duration;

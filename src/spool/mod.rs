@@ -29,7 +29,11 @@
 //! itself one valid request and replay sends it upstream unchanged. Next to
 //! `spool.db` live SQLite's `spool.db-wal` and `spool.db-shm` and telespool's
 //! `spool.db.lock`. The directory is created 0700, the database 0600 (SQLite gives
-//! the -wal and -shm files the database's mode).
+//! the -wal and -shm files the database's mode): the spool holds telemetry, which
+//! can carry anything applications log, so only the agent's user reads it (0640
+//! would serve a group of readers that telespool has no use for). At start an
+//! existing world-writable directory, database, -wal or -shm is refused
+//! ([`SpoolError::InsecureDirectory`], [`SpoolError::InsecureFile`]).
 //!
 //! # Delivery guarantee
 //!
@@ -200,6 +204,11 @@ pub enum SpoolError {
     /// replace or link the spool, lock or WAL files. Checked at start.
     #[error("spool directory {dir} is world-writable (mode {mode:o}); another user could replace the spool. Run `chmod o-w {dir}` or set spool.path to a directory only telespool can write")]
     InsecureDirectory { dir: PathBuf, mode: u32 },
+    /// An existing spool file (the database, its -wal or -shm) is writable by
+    /// every user: another user could change what is replayed upstream.
+    /// Checked at start; telespool creates these files 0600.
+    #[error("spool file {path} is world-writable (mode {mode:o}); another user could change spooled data. Run `chmod 600 {path}` (telespool creates its files 0600), or set spool.path to a file only telespool can write")]
+    InsecureFile { path: PathBuf, mode: u32 },
     /// A spool file (database, lock file, quarantine rename) cannot be created,
     /// opened, renamed or chmod-ed.
     #[error("cannot {action} {path}: {source}; set spool.path to a writable location or fix the file's owner")]

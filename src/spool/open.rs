@@ -106,6 +106,29 @@ pub(super) fn ensure_dir(path: &Path) -> Result<(), SpoolError> {
     }
 }
 
+/// Refuses an existing spool file, -wal or -shm that every user can write to.
+/// (Group-writable is left to the operator, as for the directory.)
+pub(super) fn ensure_files_private(path: &Path) -> Result<(), SpoolError> {
+    for file in [
+        path.to_owned(),
+        sibling(path, "-wal"),
+        sibling(path, "-shm"),
+    ] {
+        match fs::metadata(&file) {
+            Ok(meta) if meta.permissions().mode() & 0o002 != 0 => {
+                return Err(SpoolError::InsecureFile {
+                    path: file,
+                    mode: meta.permissions().mode() & 0o7777,
+                })
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(file_err("check the permissions of", &file)(e)),
+        }
+    }
+    Ok(())
+}
+
 /// The file's first 16 bytes are SQLite's magic, or the file is empty (SQLite treats
 /// an empty file as an empty database).
 pub(super) fn has_sqlite_header(path: &Path) -> Result<bool, SpoolError> {

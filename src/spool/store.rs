@@ -11,7 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 
-use super::open::{ensure_dir, file_err, inspect, lock, quarantine, SpoolLock};
+use super::open::{
+    ensure_dir, ensure_files_private, file_err, inspect, lock, quarantine, SpoolLock,
+};
 use super::{
     InsertOutcome, NewBatch, OpenReport, SpoolError, SpoolOptions, SpoolStats, SpooledBatch,
     Synchronous, APPLICATION_ID, SCHEMA_VERSION,
@@ -105,6 +107,7 @@ impl Store {
     ) -> Result<(Store, OpenReport), SpoolError> {
         ensure_dir(path)?;
         let lock = lock(path)?;
+        ensure_files_private(path)?;
         let mut quarantined = None;
         if path.exists() {
             if let Some(why) = inspect(path)? {

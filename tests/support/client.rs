@@ -3,15 +3,21 @@
 //! [`Sender`] that records exactly which ids were acknowledged.
 
 use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes};
+use hyper_util::rt::TokioIo;
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -42,6 +48,26 @@ pub struct Client {
     gzip: bool,
 }
 
+/// Dials the Unix socket at its path whatever the URI says, for
+/// [`Client::unix`] (tonic's connector is a `tower_service::Service<Uri>`).
+#[derive(Clone)]
+struct UnixConnector(Arc<PathBuf>);
+
+impl tower_service::Service<tonic::codegen::http::Uri> for UnixConnector {
+    type Response = TokioIo<UnixStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::codegen::http::Uri) -> Self::Future {
+        let path = self.0.clone();
+        Box::pin(async move { Ok(TokioIo::new(UnixStream::connect(&*path).await?)) })
+    }
+}
+
 fn channel(addr: SocketAddr) -> Channel {
     Endpoint::from_shared(format!("http://{addr}"))
         .expect("valid endpoint")
@@ -56,6 +82,26 @@ impl Client {
     pub fn new(addr: SocketAddr) -> Client {
         Client {
             channel: channel(addr),
+            gzip: false,
+        }
+    }
+
+    /// Over the Unix socket at `path` instead of TCP; lazily connecting too.
+    pub fn unix(path: &Path) -> Client {
+        let channel = Endpoint::from_static("http://localhost")
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(CALL_TIMEOUT)
+            .connect_with_connector_lazy(UnixConnector(Arc::new(path.to_owned())));
+        Client {
+            channel,
+            gzip: false,
+        }
+    }
+
+    /// A client over `channel` (for example a TLS one from [`super::tls`]).
+    pub fn with_channel(channel: Channel) -> Client {
+        Client {
+            channel,
             gzip: false,
         }
     }
@@ -242,9 +288,17 @@ pub struct SenderBuilder {
     max_attempts: usize,
     initial_backoff: Duration,
     max_backoff: Duration,
+    /// Send over this channel instead of plaintext to `addr`.
+    channel: Option<Channel>,
 }
 
 impl SenderBuilder {
+    /// Send over `channel` (for example TLS) instead of plaintext to the address.
+    pub fn channel(mut self, channel: Channel) -> Self {
+        self.channel = Some(channel);
+        self
+    }
+
     /// Ids per request (K). Default 100.
     pub fn batch(mut self, k: usize) -> Self {
         self.batch = k.max(1);
@@ -301,7 +355,11 @@ impl SenderBuilder {
             batches: AtomicU64::new(0),
         });
         let started = Instant::now();
-        let client = Client::new(self.addr).gzip(self.gzip);
+        let client = match &self.channel {
+            Some(channel) => Client::with_channel(channel.clone()),
+            None => Client::new(self.addr),
+        }
+        .gzip(self.gzip);
         let tasks = (0..self.workers)
             .map(|_| {
                 tokio::spawn(worker(
@@ -430,6 +488,7 @@ impl Sender {
             max_attempts: 20,
             initial_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(200),
+            channel: None,
         }
     }
 

@@ -187,7 +187,7 @@ impl HeldRequest {
     }
 }
 
-fn parse_reply(raw: &[u8]) -> Result<HttpReply, String> {
+pub fn parse_reply(raw: &[u8]) -> Result<HttpReply, String> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")

@@ -8,6 +8,7 @@
 //! - [`sdk`]: emit through the real OpenTelemetry SDK exporters.
 //! - [`agent::AgentProcess`]: the real telespool binary as a child process.
 //! - [`http`]: a raw OTLP/HTTP client and the SDK's HTTP exporters.
+//! - [`tls`]: certificates made in the test, TLS clients that trust them.
 //!
 //! Rules: loopback only, port 0, no fixed sleeps for readiness (poll with a
 //! deadline), every loop bounded in count and time.
@@ -20,6 +21,7 @@ pub mod client;
 pub mod http;
 pub mod ids;
 pub mod sdk;
+pub mod tls;
 pub mod upstream;
 
 use std::collections::BTreeSet;

@@ -4,7 +4,8 @@
 //! answers is controlled while it runs with [`Upstream::set_mode`] and
 //! [`Upstream::poison`]; [`Upstream::stop`] closes the port and cuts every open
 //! connection (in-flight calls fail at the client), [`Upstream::restart`]
-//! serves again on the same address.
+//! serves again on the same address. [`Upstream::start_tls`] serves over TLS
+//! (and mutual TLS when the config names a client CA).
 //!
 //! Recording: `requests(signal)` counts every export call that reached a
 //! handler (answered OK or not); `received_ids(signal)` holds the ids of the
@@ -48,7 +49,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::codec::CompressionEncoding;
 use tonic::metadata::MetadataMap;
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
-use tonic::transport::Server;
+use tonic::transport::{Server, ServerTlsConfig};
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -348,7 +349,7 @@ struct Running {
     task: JoinHandle<()>,
 }
 
-fn serve(shared: Arc<Shared>, listener: TcpListener) -> Running {
+fn serve(shared: Arc<Shared>, listener: TcpListener, tls: Option<ServerTlsConfig>) -> Running {
     let generation = CancellationToken::new();
     let service = Service {
         shared,
@@ -364,7 +365,11 @@ fn serve(shared: Arc<Shared>, listener: TcpListener) -> Running {
             }
         })
     });
-    let router = Server::builder()
+    let mut server = Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).expect("test upstream TLS config");
+    }
+    let router = server
         .add_service(
             TraceServiceServer::new(service.clone())
                 .accept_compressed(CompressionEncoding::Gzip)
@@ -400,11 +405,22 @@ pub struct Upstream {
     shared: Arc<Shared>,
     addr: SocketAddr,
     running: Mutex<Option<Running>>,
+    /// Served over TLS with this config (kept for `restart`).
+    tls: Option<ServerTlsConfig>,
 }
 
 impl Upstream {
     /// Serves on a fresh `127.0.0.1` port, healthy.
     pub async fn start() -> Upstream {
+        Upstream::serve_on_fresh_port(None).await
+    }
+
+    /// Like [`start`](Self::start), over TLS; `endpoint()` is `https://`.
+    pub async fn start_tls(tls: ServerTlsConfig) -> Upstream {
+        Upstream::serve_on_fresh_port(Some(tls)).await
+    }
+
+    async fn serve_on_fresh_port(tls: Option<ServerTlsConfig>) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind test upstream on 127.0.0.1:0");
@@ -421,11 +437,12 @@ impl Upstream {
             mode_changed,
             stalled: AtomicUsize::new(0),
         });
-        let running = serve(shared.clone(), listener);
+        let running = serve(shared.clone(), listener, tls.clone());
         Upstream {
             shared,
             addr,
             running: Mutex::new(Some(running)),
+            tls,
         }
     }
 
@@ -440,9 +457,13 @@ impl Upstream {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT`, for `--upstream` and SDK exporters.
+    /// `http://127.0.0.1:PORT` (`https://` over TLS), for `--upstream` and
+    /// SDK exporters.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.tls {
+            Some(_) => format!("https://{}", self.addr),
+            None => format!("http://{}", self.addr),
+        }
     }
 
     pub fn set_mode(&self, mode: Mode) {
@@ -510,7 +531,7 @@ impl Upstream {
                 ),
             }
         };
-        let running = serve(self.shared.clone(), listener);
+        let running = serve(self.shared.clone(), listener, self.tls.clone());
         *self.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(running);
     }
 
