@@ -284,7 +284,14 @@ pub async fn run(
             .merge(otlp);
         let names = ["grpc server", "grpc unix socket server"];
         let tls = server_tls(&agent, &receiver_tls, "grpc");
-        serve_both(&agent, names, listeners.grpc, listeners.grpc_unix, router, tls);
+        serve_both(
+            &agent,
+            names,
+            listeners.grpc,
+            listeners.grpc_unix,
+            router,
+            tls,
+        );
     }
     if listeners.http.is_some() || listeners.http_unix.is_some() {
         let router = receiver::http::router(
@@ -294,7 +301,14 @@ pub async fn run(
         );
         let names = ["http server", "http unix socket server"];
         let tls = server_tls(&agent, &receiver_tls, "http");
-        serve_both(&agent, names, listeners.http, listeners.http_unix, router, tls);
+        serve_both(
+            &agent,
+            names,
+            listeners.http,
+            listeners.http_unix,
+            router,
+            tls,
+        );
     }
     if let Some(listener) = listeners.admin {
         // The admin listener stays up through shutdown so /readyz shows 503.
@@ -427,6 +441,7 @@ fn serve_both(
     tls: Option<ServerTls>,
 ) {
     if let Some(listener) = tcp {
+        let listener = connections::NoDelayListener::new(listener, agent.close_listeners.clone());
         serve(agent, names[0], listener, router.clone(), tls.clone());
     }
     if let Some(listener) = unix {
