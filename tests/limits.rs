@@ -4,8 +4,6 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,6 +11,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::client::Client;
+use support::held::{served, Held};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -137,44 +136,6 @@ fn tokio_stream_from<T>(rx: tokio::sync::mpsc::Receiver<T>) -> impl futures::Str
 
 /// One client connection that sends its headers with `Expect: 100-continue`
 /// and withholds the body: it is "served" once the agent asks for the body.
-struct Held {
-    continued: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Held {
-    async fn open(addr: std::net::SocketAddr) -> Held {
-        let mut stream = ok(TcpStream::connect(addr).await);
-        let head = format!(
-            "POST /v1/logs HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-protobuf\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n"
-        );
-        ok(stream.write_all(head.as_bytes()).await);
-        let continued = Arc::new(AtomicBool::new(false));
-        let flag = continued.clone();
-        let task = tokio::spawn(async move {
-            let mut seen = Vec::new();
-            let mut buf = [0u8; 256];
-            // Bounded: ends at EOF or error; aborted by the test otherwise.
-            while let Ok(n @ 1..) = stream.read(&mut buf).await {
-                seen.extend_from_slice(&buf[..n]);
-                if String::from_utf8_lossy(&seen).contains("100 Continue") {
-                    flag.store(true, Ordering::Release);
-                }
-            }
-            // Hold the connection open until aborted.
-            std::future::pending::<()>().await;
-        });
-        Held { continued, task }
-    }
-
-    fn served(&self) -> bool {
-        self.continued.load(Ordering::Acquire)
-    }
-}
-
-fn served(held: &[Held]) -> usize {
-    held.iter().filter(|h| h.served()).count()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connection_limit_holds_under_a_burst_and_waiting_clients_are_served_when_one_closes() {
@@ -187,7 +148,7 @@ async fn connection_limit_holds_under_a_burst_and_waiting_clients_are_served_whe
     let addr = agent.http_addr();
     let mut held = Vec::new();
     for _ in 0..10 {
-        held.push(Held::open(addr).await);
+        held.push(Held::open(ok(TcpStream::connect(addr).await), &addr.to_string()).await);
     }
     ok(eventually("3 connections served", DEADLINE, || async {
         (served(&held) >= 3).then_some(())

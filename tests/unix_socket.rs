@@ -8,16 +8,14 @@ mod support;
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use nix::sys::signal::Signal as UnixSignal;
 use support::client::Client;
+use support::held::{served, Held};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -302,45 +300,6 @@ async fn unusable_socket_paths_are_refused_naming_the_key_and_nothing_is_deleted
     );
 }
 
-/// One HTTP/1 connection over the socket that sends its headers with
-/// `Expect: 100-continue` and withholds the body: "served" once the agent
-/// asks for the body.
-struct Held {
-    continued: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Held {
-    async fn open(path: &Path) -> Held {
-        let mut stream = ok(UnixStream::connect(path).await);
-        let head = "POST /v1/logs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-protobuf\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n";
-        ok(stream.write_all(head.as_bytes()).await);
-        let continued = Arc::new(AtomicBool::new(false));
-        let flag = continued.clone();
-        let task = tokio::spawn(async move {
-            let mut seen = Vec::new();
-            let mut buf = [0u8; 256];
-            // Bounded: ends at EOF or error; aborted by the test otherwise.
-            while let Ok(n @ 1..) = stream.read(&mut buf).await {
-                seen.extend_from_slice(&buf[..n]);
-                if String::from_utf8_lossy(&seen).contains("100 Continue") {
-                    flag.store(true, Ordering::Release);
-                }
-            }
-            std::future::pending::<()>().await;
-        });
-        Held { continued, task }
-    }
-
-    fn served(&self) -> bool {
-        self.continued.load(Ordering::Acquire)
-    }
-}
-
-fn served(held: &[Held]) -> usize {
-    held.iter().filter(|h| h.served()).count()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_connection_limit_holds_on_a_unix_socket_under_a_burst() {
     let upstream = Upstream::start().await;
@@ -356,7 +315,7 @@ async fn the_connection_limit_holds_on_a_unix_socket_under_a_burst() {
     .await;
     let mut held = Vec::new();
     for _ in 0..8 {
-        held.push(Held::open(&sock).await);
+        held.push(Held::open(ok(UnixStream::connect(&sock).await), "localhost").await);
     }
     ok(eventually("2 connections served", DEADLINE, || async {
         (served(&held) >= 2).then_some(())

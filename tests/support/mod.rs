@@ -8,6 +8,7 @@
 //! - [`sdk`]: emit through the real OpenTelemetry SDK exporters.
 //! - [`agent::AgentProcess`]: the real telespool binary as a child process.
 //! - [`http`]: a raw OTLP/HTTP client and the SDK's HTTP exporters.
+//! - [`held::Held`]: an HTTP/1 connection that holds a connection slot open.
 //! - [`tls`]: certificates made in the test, TLS clients that trust them.
 //!
 //! Rules: loopback only, port 0, no fixed sleeps for readiness (poll with a
@@ -18,6 +19,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod held;
 pub mod http;
 pub mod ids;
 pub mod sdk;
