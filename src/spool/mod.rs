@@ -72,6 +72,8 @@
 //! commands over a channel and await a oneshot reply, so no SQLite call ever runs on
 //! the tokio runtime and no in-process SQLite locking is needed. The worker publishes
 //! [`SpoolStats`] into a mutex after every command for [`Spool::stats_cached`].
+//! A second connection, on a thread of its own, only checkpoints the WAL
+//! (`checkpoint.rs`), so commits do not wait for checkpoints.
 //!
 //! # Opening a damaged file
 //!
@@ -83,6 +85,7 @@
 //! ([`SpoolError::SchemaTooNew`]): it is probably fine, just written by a newer
 //! telespool, and must not be thrown away by a downgrade.
 
+mod checkpoint;
 mod offline;
 mod open;
 mod store;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 
+use super::checkpoint::Checkpointer;
 use super::open::{
     ensure_dir, ensure_files_private, file_err, inspect, lock, quarantine, SpoolLock,
 };
@@ -30,12 +31,10 @@ const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS batches(
     payload BLOB NOT NULL)";
 /// The WAL is cut back to this size after a checkpoint that emptied it.
 const JOURNAL_SIZE_LIMIT: i64 = 16 << 20;
-/// Pages appended to the WAL before a commit checkpoints it (SQLite's default
-/// is 1000). Rows live briefly and freed pages are reused, so a checkpoint
-/// copies only the latest version of each page: a longer WAL means fewer
-/// checkpoints (each with its fsyncs) for the same data, at the cost of a WAL
-/// file of up to this many pages (16 MiB at 4 KiB pages).
-const WAL_AUTOCHECKPOINT_PAGES: i64 = 4096;
+/// Pages appended to the WAL before a commit checkpoints it itself (SQLite's
+/// default is 1000). Only a backstop: [`Checkpointer`] checkpoints every
+/// 100 ms on its own connection, off the commit path.
+const WAL_AUTOCHECKPOINT_PAGES: i64 = 16384;
 
 pub(super) fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> SpoolError + '_ {
     move |source| match source.sqlite_error_code() {
@@ -100,6 +99,8 @@ type Removed = (String, i64, i64, i64);
 
 /// An open spool: the connection, the lock, and counts kept in step with the table.
 pub(super) struct Store {
+    /// Checkpoints the WAL on its own connection; stopped before `conn` closes.
+    checkpointer: Option<Checkpointer>,
     conn: Connection,
     path: PathBuf,
     stats: SpoolStats,
@@ -135,12 +136,14 @@ impl Store {
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
             .map_err(sql_err(path))?;
         let mut store = Store {
+            checkpointer: None,
             conn,
             path: path.to_owned(),
             stats: SpoolStats::default(),
             _lock: lock,
         };
         store.configure(opts).map_err(sql_err(path))?;
+        store.checkpointer = Some(Checkpointer::start(path, opts.synchronous)?);
         store.refresh_stats()?;
         let stats = store.stats.clone();
         Ok((store, OpenReport { quarantined, stats }))
@@ -443,7 +446,10 @@ impl Store {
     }
 
     /// Checkpoints the WAL into the file and truncates it, then closes.
-    pub(super) fn close(self) -> Result<(), SpoolError> {
+    pub(super) fn close(mut self) -> Result<(), SpoolError> {
+        if let Some(mut checkpointer) = self.checkpointer.take() {
+            checkpointer.stop();
+        }
         let sql = sql_err(&self.path);
         self.conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
