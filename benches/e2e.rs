@@ -22,7 +22,8 @@
 //! figures as ratios to the baseline. Loopback only; every load is bounded by
 //! a request count and a duration.
 //!
-//! Not covered yet: OTLP/HTTP load (gRPC only).
+//! Transports: OTLP/gRPC over TCP (most scenarios), over a Unix socket
+//! (`typical-uds`) and over TLS (`typical-tls`), and OTLP/HTTP (`typical-http`).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -89,6 +90,14 @@ const SCENARIOS: &[(&str, &str)] = &[
     (
         "typical-http",
         "typical over OTLP/HTTP (protobuf) into telespool; the baseline sends the same bodies over gRPC (the sink speaks gRPC only)",
+    ),
+    (
+        "typical-uds",
+        "typical over OTLP/gRPC on a Unix socket (receiver.grpc.unix_socket) into telespool; the baseline over TCP",
+    ),
+    (
+        "typical-tls",
+        "typical over OTLP/gRPC with TLS ([receiver.tls], certificates made by the bench) into telespool; the baseline in plaintext",
     ),
     (
         "durable-normal",
@@ -435,6 +444,7 @@ async fn baseline(sink: &Sink, spec: &LoadSpec, bodies: &Arc<Bodies>) -> Figures
     // The sinks speak OTLP/gRPC only: the baseline always sends over gRPC.
     let grpc_spec = LoadSpec {
         http: false,
+        channel: None,
         ..spec.clone()
     };
     let report = load::run(sink.addr(), &grpc_spec, bodies.clone()).await;
@@ -630,6 +640,7 @@ fn scenario_spec(name: &str, quick: bool) -> LoadSpec {
         duration,
         rate: None,
         http: false,
+        channel: None,
     };
     match name {
         "small" => spec(Signal::Traces, 10, 0),
@@ -722,15 +733,48 @@ async fn throughput(
     } else {
         "gzip"
     };
-    let extra = match name {
-        "durable-normal" => "durability = \"spool\"\n[spool]\nsynchronous = \"normal\"\n",
-        "durable-full" => "durability = \"spool\"\n[spool]\nsynchronous = \"full\"\n",
-        _ => "",
+    // Files for the Unix socket and the TLS certificates; removed at the end.
+    let dir = tempfile::TempDir::new().map_err(|e| format!("temp dir: {e}"))?;
+    let (extra, channel) = match name {
+        "durable-normal" => (
+            "durability = \"spool\"\n[spool]\nsynchronous = \"normal\"\n".to_owned(),
+            None,
+        ),
+        "durable-full" => (
+            "durability = \"spool\"\n[spool]\nsynchronous = \"full\"\n".to_owned(),
+            None,
+        ),
+        "typical-uds" => {
+            let path = dir.path().join("otlp.sock");
+            let extra = format!(
+                "[receiver.grpc]\nunix_socket = {}\n",
+                support::tls::toml_path(&path)
+            );
+            let maker = move |_| support::client::unix_channel(&path);
+            (extra, Some(load::ChannelMaker(Arc::new(maker))))
+        }
+        "typical-tls" => {
+            let ca = support::tls::TestCa::new("telespool bench CA");
+            let pem = support::tls::PemFiles::write(dir.path(), "server", &ca.server_cert(), &ca);
+            let extra = format!(
+                "[receiver.tls]\ncert_file = {}\nkey_file = {}\n",
+                support::tls::toml_path(&pem.cert),
+                support::tls::toml_path(&pem.key)
+            );
+            let ca = Arc::new(ca);
+            let maker = move |addr| support::tls::grpc_channel(addr, &ca, None);
+            (extra, Some(load::ChannelMaker(Arc::new(maker))))
+        }
+        _ => (String::new(), None),
     };
     let sink = Sink::start(options.sink).await;
     let base = baseline(&sink, spec, bodies).await;
-    let config = agent_config(compression, extra);
-    let tele = through_telespool(options, &sink, &config, spec, bodies, async {}).await?;
+    let config = agent_config(compression, &extra);
+    let tele_spec = LoadSpec {
+        channel,
+        ..spec.clone()
+    };
+    let tele = through_telespool(options, &sink, &config, &tele_spec, bodies, async {}).await?;
     Ok(Row {
         scenario: name.to_owned(),
         base,

@@ -46,6 +46,19 @@ pub struct LoadSpec {
     pub rate: Option<f64>,
     /// OTLP/gRPC, or OTLP/HTTP with protobuf bodies.
     pub http: bool,
+    /// gRPC over something other than plain TCP to the address (a Unix
+    /// socket, TLS); `None`: plain TCP.
+    pub channel: Option<ChannelMaker>,
+}
+
+/// Makes one load client's gRPC channel to the agent at an address.
+#[derive(Clone)]
+pub struct ChannelMaker(pub Arc<dyn Fn(SocketAddr) -> Channel + Send + Sync>);
+
+impl std::fmt::Debug for ChannelMaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChannelMaker")
+    }
 }
 
 /// One client connection: gRPC over a tonic channel, or HTTP/1.1 keep-alive.
@@ -59,10 +72,10 @@ enum Client {
 }
 
 impl Client {
-    fn new(addr: SocketAddr, signal: Signal, http: bool) -> Client {
+    fn new(addr: SocketAddr, signal: Signal, http: bool, maker: Option<&ChannelMaker>) -> Client {
         match http {
             false => Client::Grpc(
-                tonic::client::Grpc::new(channel(addr)),
+                tonic::client::Grpc::new(maker.map_or_else(|| channel(addr), |m| (m.0)(addr))),
                 PathAndQuery::from_static(signal.grpc_path()),
             ),
             true => Client::Http {
@@ -225,14 +238,16 @@ pub async fn run(addr: SocketAddr, spec: &LoadSpec, bodies: Arc<Bodies>) -> Load
     let started = Instant::now();
     let limit = spec.requests.min(bodies.bodies.len());
     let (signal, http) = (bodies.signal, spec.http);
+    let maker = spec.channel.clone();
     let tasks: Vec<_> = (0..spec.concurrency.max(1))
         .map(|_| {
             let next = next.clone();
             let bodies = bodies.clone();
             let duration = spec.duration;
             let rate = spec.rate;
+            let maker = maker.clone();
             tokio::spawn(async move {
-                let mut client = Client::new(addr, signal, http);
+                let mut client = Client::new(addr, signal, http, maker.as_ref());
                 let mut w = WorkerReport::default();
                 loop {
                     if started.elapsed() >= duration {

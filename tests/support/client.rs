@@ -68,6 +68,14 @@ impl tower_service::Service<tonic::codegen::http::Uri> for UnixConnector {
     }
 }
 
+/// A lazily connecting gRPC channel over the Unix socket at `path`.
+pub fn unix_channel(path: &Path) -> Channel {
+    Endpoint::from_static("http://localhost")
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(CALL_TIMEOUT)
+        .connect_with_connector_lazy(UnixConnector(Arc::new(path.to_owned())))
+}
+
 fn channel(addr: SocketAddr) -> Channel {
     Endpoint::from_shared(format!("http://{addr}"))
         .expect("valid endpoint")
@@ -88,12 +96,8 @@ impl Client {
 
     /// Over the Unix socket at `path` instead of TCP; lazily connecting too.
     pub fn unix(path: &Path) -> Client {
-        let channel = Endpoint::from_static("http://localhost")
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(CALL_TIMEOUT)
-            .connect_with_connector_lazy(UnixConnector(Arc::new(path.to_owned())));
         Client {
-            channel,
+            channel: unix_channel(path),
             gzip: false,
         }
     }
