@@ -13,7 +13,7 @@
 //! was just written. The row is claimed (as replay claims rows) before the
 //! hand-off, so no replay worker exports it a second time, and it is deleted
 //! only after upstream acknowledged it, exactly as a replayed row. The hand-off
-//! queue is bounded ([`Handoff::max_bytes`]) and only used while upstream is
+//! queue is bounded (`Handoff::max_bytes`) and only used while upstream is
 //! up: when it is full, or upstream is failing, the bodies are dropped from
 //! memory and the rows wait in the spool for the replay workers. A kill loses
 //! nothing either way: every acknowledged request is a committed row.

@@ -12,14 +12,17 @@
 //! worker, the shutdown collection), so nothing is held twice and nothing is
 //! forgotten. A batch that came from the spool carries its row id; its row is
 //! deleted only after upstream acknowledged it (or rejected it for good).
+//!
+//! This file holds ingest, batching and export; the spool side (spilling,
+//! durable commits and their hand-off, replay workers and their claims) is in
+//! `pipeline/spooled.rs`.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{Batch, Batcher, Limits, Origin};
@@ -31,7 +34,11 @@ use crate::metrics::{DropReason, Metrics};
 use crate::queue::ExportQueue;
 use crate::retry::{classify, Backoff, Verdict};
 use crate::signal::Signal;
-use crate::spool::{NewBatch, Spool, SpooledBatch};
+use crate::spool::Spool;
+
+mod spooled;
+
+use spooled::ReplayClaims;
 
 /// Why `ingest` refused a request. Both are retryable for the client.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -82,28 +89,6 @@ struct Lane {
     batcher: Batcher,
     /// False once shutdown sealed the lane: later requests are refused.
     open: bool,
-}
-
-/// Which spool rows replay workers hold, so no row is exported twice at once.
-/// Changed only under `claim_or_evict`.
-struct ReplayClaims {
-    cursor: i64,
-    in_flight: HashSet<i64>,
-    /// The spool may hold rows nobody has claimed (rows from before the
-    /// start, spilled, or committed but not handed off). Replay workers read
-    /// the spool while this is set and take hand-offs when it is not; cleared
-    /// when a read finds nothing.
-    unclaimed_rows: bool,
-}
-
-impl Default for ReplayClaims {
-    fn default() -> Self {
-        ReplayClaims {
-            cursor: 0,
-            in_flight: HashSet::new(),
-            unclaimed_rows: true,
-        }
-    }
 }
 
 impl Pipeline {
@@ -209,94 +194,6 @@ impl Pipeline {
             self.timer.notify_one();
         }
         Ok(())
-    }
-
-    /// Durable mode: hand the request to the group-commit writer and wait for
-    /// its transaction.
-    async fn commit(
-        &self,
-        writer: mpsc::Sender<Pending>,
-        signal: Signal,
-        body: Bytes,
-        items: u64,
-        reservation: crate::buffer::Reservation,
-    ) -> Result<(), Refused> {
-        let (done, answer) = oneshot::channel();
-        let pending = Pending {
-            signal,
-            body,
-            items,
-            created_ms: crate::batch::unix_ms(std::time::SystemTime::now()),
-            reservation,
-            done,
-        };
-        writer
-            .send(pending)
-            .await
-            .map_err(|_| Refused::ShuttingDown)?;
-        match answer.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "durable commit refused");
-                Err(Refused::SpoolFull {
-                    retry_after: Duration::from_secs(5),
-                })
-            }
-            Err(_) => Err(Refused::ShuttingDown),
-        }
-    }
-
-    /// Durable mode: the group-commit writer; ends once shutdown closed the
-    /// pipeline and every waiting request is committed.
-    pub async fn run_durable_writer(self: Arc<Self>) {
-        let Some(mut rx) = self.durable_rx.lock().ok().and_then(|mut r| r.take()) else {
-            return;
-        };
-        while let Some(group) = crate::durable::next_group(&mut rx, self.max_row_bytes * 3).await {
-            // Hold the claim lock from before the commit until the rows are
-            // claimed: a replay worker that read a new row in between could
-            // export it, delete it and release it before the hand-off, which
-            // would then export it a second time.
-            let claim_lock = self.claim_or_evict.lock().await;
-            let committed =
-                crate::durable::commit_group(&self.spool, group, &self.metrics, self.max_row_bytes)
-                    .await;
-            self.hand_off(committed, claim_lock);
-        }
-    }
-
-    /// Durable mode: pass committed rows to the replay workers from memory,
-    /// claimed so that no worker also reads them from the spool. Rows that do
-    /// not fit in the hand-off queue, or arrive while upstream is failing,
-    /// leave memory and wait in the spool.
-    fn hand_off(&self, committed: Vec<Batch>, _claim_lock: tokio::sync::MutexGuard<'_, ()>) {
-        let Some(handoff) = &self.handoff else {
-            return;
-        };
-        if committed.is_empty() {
-            return;
-        }
-        let upstream_up = self.upstream.as_ref().is_some_and(|u| u.health().is_up());
-        let Ok(mut claims) = self.replay.lock() else {
-            return;
-        };
-        for batch in committed {
-            let Origin::Spool { id } = batch.origin else {
-                continue;
-            };
-            if !upstream_up {
-                claims.unclaimed_rows = true;
-                continue;
-            }
-            claims.in_flight.insert(id);
-            if handoff.try_push(batch).is_err() {
-                claims.in_flight.remove(&id);
-                claims.unclaimed_rows = true;
-            }
-        }
-        if claims.unclaimed_rows {
-            self.replay_wake.notify_waiters();
-        }
     }
 
     pub fn is_durable(&self) -> bool {
@@ -499,276 +396,6 @@ impl Pipeline {
             if let Err(e) = self.spool.delete(vec![id]).await {
                 tracing::error!(id, error = %e, "cannot delete an exported batch from the spool; it will be sent again after restart");
             }
-        }
-    }
-
-    /// Write memory batches to the spool in one transaction. Returns those that
-    /// did not fit (spool full), still owned by the caller; written ones are
-    /// dropped from memory and counted. With `spool.when_full = "drop_oldest"`
-    /// the oldest spooled batches are evicted (and counted) to make room.
-    pub async fn write_to_spool(&self, batches: Vec<Batch>) -> Vec<Batch> {
-        let mut pending = batches;
-        for _attempt in 0..3 {
-            if pending.is_empty() {
-                break;
-            }
-            let (written, full) = self.insert_rows(&pending).await;
-            let rest = pending.split_off(written.min(pending.len()));
-            for b in &pending {
-                self.metrics.spooled(b.signal, b.items);
-            }
-            if !pending.is_empty() {
-                let _guard = self.claim_or_evict.lock().await;
-                if let Ok(mut claims) = self.replay.lock() {
-                    claims.unclaimed_rows = true;
-                }
-                self.replay_wake.notify_waiters();
-            }
-            pending = rest;
-            if !full || pending.is_empty() || self.when_full != WhenFull::DropOldest {
-                break;
-            }
-            // Page overhead makes the usable payload a little smaller than the bound.
-            let need: u64 = pending.iter().map(|b| b.bytes).sum::<u64>() * 11 / 10 + 64 * 1024;
-            let guard = self.claim_or_evict.lock().await;
-            let in_flight: Vec<i64> = self
-                .replay
-                .lock()
-                .map(|c| c.in_flight.iter().copied().collect())
-                .unwrap_or_default();
-            let evicted = self.spool.drop_oldest(need, in_flight).await;
-            drop(guard);
-            match evicted {
-                Ok(evicted) if !evicted.is_empty() => {
-                    let mut items = 0;
-                    for (signal, n) in &evicted {
-                        self.metrics.dropped(*signal, DropReason::SpoolEvicted, *n);
-                        items += n;
-                    }
-                    tracing::warn!(
-                        batches = evicted.len(),
-                        items,
-                        "spool full: dropped the oldest spooled batches (spool.when_full = \"drop_oldest\")"
-                    );
-                }
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot evict from the spool");
-                    break;
-                }
-            }
-        }
-        pending
-    }
-
-    /// One insert transaction: how many of `batches` (from the front) were
-    /// written, and whether the spool was full.
-    async fn insert_rows(&self, batches: &[Batch]) -> (usize, bool) {
-        let rows = batches
-            .iter()
-            .map(|b| NewBatch {
-                signal: b.signal,
-                items: b.items,
-                created_ms: b.created_ms,
-                attempts: b.attempts,
-                payload: b.chunks.clone(),
-            })
-            .collect();
-        match self.spool.insert(rows).await {
-            Ok(outcome) => {
-                if outcome.full {
-                    tracing::warn!(
-                        written = outcome.written,
-                        refused = batches.len() - outcome.written,
-                        "spool is full (spool.max_bytes or the disk)"
-                    );
-                }
-                (outcome.written, outcome.full)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot write to the spool");
-                (0, false)
-            }
-        }
-    }
-
-    /// While upstream is failing and memory is above the high-water mark, move
-    /// the oldest sealed batches to the spool, so clients keep getting OK.
-    pub async fn run_spiller(self: Arc<Self>, stop: CancellationToken) {
-        let Some(upstream) = self.upstream.clone() else {
-            return;
-        };
-        let mut spilling = false;
-        let mut full_logged = false;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
-            let high = (self.budget.limit() as f64 * SPILL_HIGH_WATER) as u64;
-            let should = !upstream.health().is_up() && self.budget.used() > high;
-            if should != spilling {
-                spilling = should;
-                tracing::info!(
-                    spilling,
-                    buffered_bytes = self.budget.used(),
-                    "{}",
-                    if should {
-                        "spill to spool started"
-                    } else {
-                        "spill to spool stopped"
-                    }
-                );
-            }
-            if !should {
-                full_logged = false;
-                continue;
-            }
-            let batches = self.queue.take_oldest(self.budget.limit() / 8);
-            if batches.is_empty() {
-                continue;
-            }
-            let unwritten = self.write_to_spool(batches).await;
-            if !unwritten.is_empty() {
-                if !full_logged {
-                    tracing::warn!("spool full while spilling; clients get backpressure until upstream recovers");
-                    full_logged = true;
-                }
-                self.queue.push_front(unwritten);
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
-            }
-        }
-    }
-
-    /// One replay worker: export spooled rows oldest first, alongside live data
-    /// (in durable mode also the rows the writer handed off from memory).
-    /// Stops taking rows at `stop`; a row in flight at `force` stays in the spool.
-    pub async fn run_replay_worker(
-        self: Arc<Self>,
-        stop: CancellationToken,
-        force: CancellationToken,
-    ) {
-        if self.upstream.is_none() {
-            return;
-        }
-        let mut last_progress = Instant::now();
-        loop {
-            if stop.is_cancelled() {
-                return;
-            }
-            let wake = self.replay_wake.notified();
-            tokio::pin!(wake);
-            wake.as_mut().enable();
-            match self.next_spooled().await {
-                Some(batch) => {
-                    let Origin::Spool { id } = batch.origin else {
-                        continue; // only spool rows come this way
-                    };
-                    self.deliver(batch, &force).await;
-                    // Release the claim under the claim lock: a worker that read
-                    // this row before its delete committed must still find it
-                    // claimed, or it would export the row a second time.
-                    let _guard = self.claim_or_evict.lock().await;
-                    if let Ok(mut claims) = self.replay.lock() {
-                        claims.in_flight.remove(&id);
-                    }
-                    if self.handoff.is_none() && last_progress.elapsed() > Duration::from_secs(5) {
-                        last_progress = Instant::now();
-                        let stats = self.spool.stats_cached();
-                        tracing::info!(
-                            rows_left = stats.rows,
-                            bytes_left = stats.bytes,
-                            "replay progress"
-                        );
-                    }
-                }
-                None => {
-                    let handed_off = async {
-                        match &self.handoff {
-                            Some(handoff) => handoff.ready.notified().await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = &mut wake => {}
-                        _ = handed_off => {}
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                }
-            }
-        }
-    }
-
-    /// The next spool row to export, claimed: a hand-off from memory while no
-    /// unclaimed rows wait in the spool, else the oldest unclaimed row.
-    async fn next_spooled(&self) -> Option<Batch> {
-        if let Some(handoff) = &self.handoff {
-            let backlog = self.replay.lock().map(|c| c.unclaimed_rows).unwrap_or(true);
-            if !backlog {
-                if let Some(batch) = handoff.pop() {
-                    return Some(batch);
-                }
-            }
-        }
-        if let Some(row) = self.claim_row().await {
-            return Some(self.batch_from_row(row));
-        }
-        self.handoff.as_ref().and_then(Handoff::pop)
-    }
-
-    /// The oldest spool row no other worker holds, claimed. Starts after the
-    /// last claimed row and wraps to the start once, so rows left behind after
-    /// `max_elapsed` are retried on the next pass.
-    async fn claim_row(&self) -> Option<SpooledBatch> {
-        let _guard = self.claim_or_evict.lock().await;
-        let (cursor, held) = {
-            let claims = self.replay.lock().ok()?;
-            (claims.cursor, claims.in_flight.clone())
-        };
-        let mut found = self.read_unclaimed(cursor, held.clone()).await;
-        if matches!(found, Ok(None)) && cursor != 0 {
-            found = self.read_unclaimed(0, held).await;
-        }
-        let mut claims = self.replay.lock().ok()?;
-        match found.ok()? {
-            Some(row) => {
-                claims.cursor = row.id;
-                claims.in_flight.insert(row.id);
-                Some(row)
-            }
-            None => {
-                claims.cursor = 0;
-                claims.unclaimed_rows = false;
-                None
-            }
-        }
-    }
-
-    async fn read_unclaimed(
-        &self,
-        after: i64,
-        held: HashSet<i64>,
-    ) -> Result<Option<SpooledBatch>, ()> {
-        self.spool
-            .oldest_unclaimed(after, held)
-            .await
-            .map_err(|e| tracing::error!(error = %e, "cannot read the spool for replay"))
-    }
-
-    fn batch_from_row(&self, row: SpooledBatch) -> Batch {
-        Batch {
-            signal: row.signal,
-            chunks: vec![row.payload],
-            items: row.items,
-            bytes: row.bytes,
-            created_ms: row.created_ms,
-            attempts: row.attempts,
-            origin: Origin::Spool { id: row.id },
-            reservation: self.budget.empty(row.signal),
         }
     }
 

@@ -11,7 +11,7 @@
 //! The derives use lowerCamelCase keys, hex trace and span ids, integer enums,
 //! 64-bit integers as strings or numbers, and the AnyValue forms (`intValue` as
 //! string or number, `bytesValue` as base64), and they ignore unknown keys.
-//! What they get wrong, fixed by [`normalize`] on the `serde_json::Value`
+//! What they get wrong, fixed by `normalize` on the `serde_json::Value`
 //! before deserializing:
 //!
 //! - **Errors swallowed in flattened oneofs.** `Metric`'s data
