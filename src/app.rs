@@ -6,7 +6,7 @@
 //! `main` and socket activation all share [`run`].
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -59,6 +59,15 @@ pub enum StartError {
     Exporter(#[from] ExporterError),
     #[error(transparent)]
     TokenFile(#[from] TokenFileError),
+    /// `upstream.endpoint` names one of the agent's own OTLP listeners, so
+    /// every batch would come straight back in, forever.
+    #[error("upstream.endpoint {endpoint} is telespool's own OTLP/{what} listener ({addr}): every batch would come straight back in. Point upstream.endpoint at the collector, or move receiver.{key}.listen")]
+    UpstreamIsSelf {
+        endpoint: String,
+        addr: SocketAddr,
+        what: &'static str,
+        key: &'static str,
+    },
     #[error(transparent)]
     UnixSocket(#[from] UnixSocketError),
     #[error(transparent)]
@@ -201,6 +210,9 @@ pub async fn run(
     tokens: ShutdownTokens,
     reload: ReloadRequests,
 ) -> Result<Summary, StartError> {
+    if let Some(endpoint) = &config.upstream.endpoint {
+        check_upstream_is_not_self(endpoint, &listeners)?;
+    }
     let tokens_required = files.tokens.map(Reloadable::new);
     let receiver_tls = files.receiver_tls.map(Reloadable::new);
     let metrics = Arc::new(Metrics::new());
@@ -390,6 +402,52 @@ pub async fn drain(
     });
     let listeners = Listeners::default();
     run(config, files, spool, opened, listeners, tokens, reload).await
+}
+
+/// Refuse an `upstream.endpoint` that is one of our own TCP listeners (say,
+/// `--upstream` and `--grpc-listen` both 127.0.0.1:4317): the agent would
+/// forward every batch to itself. Only literal IP addresses and `localhost`
+/// are compared; a name that resolves to this host is not caught.
+fn check_upstream_is_not_self(endpoint: &str, listeners: &Listeners) -> Result<(), StartError> {
+    let Ok(uri) = endpoint.parse::<http::Uri>() else {
+        return Ok(()); // the exporter reports a malformed endpoint itself
+    };
+    let Some(host) = uri.host() else {
+        return Ok(());
+    };
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let ips: Vec<IpAddr> = if host.eq_ignore_ascii_case("localhost") {
+        vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()]
+    } else {
+        host.parse().ok().into_iter().collect()
+    };
+    let ours = [
+        (&listeners.grpc, "gRPC", "grpc"),
+        (&listeners.http, "HTTP", "http"),
+    ];
+    for (listener, what, key) in ours {
+        let Some(addr) = listener.as_ref().and_then(|l| l.local_addr().ok()) else {
+            continue;
+        };
+        let same_ip =
+            |ip: &IpAddr| *ip == addr.ip() || (addr.ip().is_unspecified() && ip.is_loopback());
+        if addr.port() == port && ips.iter().any(same_ip) {
+            return Err(StartError::UpstreamIsSelf {
+                endpoint: endpoint.to_owned(),
+                addr,
+                what,
+                key,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The handshake side of `[receiver.tls]` for one listener, if configured.

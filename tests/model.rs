@@ -266,7 +266,17 @@ impl World {
             "the spool written by the previous run was quarantined: {:?}",
             opened.quarantined
         );
-        let grpc = ok(TcpListener::bind("127.0.0.1:0").await);
+        // While upstream is down its port is free, and port 0 may hand it to
+        // the agent: the agent would then forward to itself, over and over.
+        // Hold such a listener while binding another.
+        let mut grpc = ok(TcpListener::bind("127.0.0.1:0").await);
+        let _upstreams_port = if ok(grpc.local_addr()).port() == self.upstream.addr().port() {
+            let held = grpc;
+            grpc = ok(TcpListener::bind("127.0.0.1:0").await);
+            Some(held)
+        } else {
+            None
+        };
         let addr = ok(grpc.local_addr());
         let listeners = Listeners {
             grpc: Some(grpc),

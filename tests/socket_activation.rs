@@ -189,3 +189,30 @@ async fn restarts_on_an_inherited_listener_cost_clients_no_errors_and_no_items()
         &upstream.unique_ids(Signal::Traces),
     );
 }
+
+/// An agent whose upstream is its own listener would forward every batch
+/// back to itself, forever. Here the inherited socket makes the port known
+/// before the start, as `--grpc-listen` and `--upstream` naming the same
+/// address would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_endpoint_naming_the_agents_own_listener_is_refused_at_start() {
+    let listener = ok(TcpListener::bind("127.0.0.1:0"));
+    let own = ok(listener.local_addr());
+    for endpoint in [
+        format!("http://{own}"),
+        format!("http://localhost:{}", own.port()),
+    ] {
+        let result = AgentProcess::builder()
+            .listen_fds(&[&listener])
+            .upstream(&endpoint)
+            .start()
+            .await;
+        let err = result.err().expect("the agent must refuse to start");
+        assert!(
+            err.contains(&format!(
+                "upstream.endpoint {endpoint} is telespool's own OTLP/gRPC listener"
+            )),
+            "names the endpoint and the listener: {err}"
+        );
+    }
+}
