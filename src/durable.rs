@@ -161,7 +161,8 @@ pub async fn commit_group(
 
 /// Committed rows waiting for an exporter, in memory. Bounded in bytes.
 pub struct Handoff {
-    queue: Mutex<VecDeque<Batch>>,
+    /// The batches and their bytes in all.
+    queue: Mutex<(VecDeque<Batch>, u64)>,
     max_bytes: u64,
     /// Wakes an exporter when a batch was queued.
     pub ready: Notify,
@@ -170,7 +171,7 @@ pub struct Handoff {
 impl Handoff {
     pub fn new(max_bytes: u64) -> Handoff {
         Handoff {
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new((VecDeque::new(), 0)),
             max_bytes,
             ready: Notify::new(),
         }
@@ -178,28 +179,25 @@ impl Handoff {
 
     /// Queue `batch`, or give it back when the queue holds `max_bytes` already.
     pub fn try_push(&self, batch: Batch) -> Result<(), Batch> {
-        let Ok(mut queue) = self.queue.lock() else {
+        let Ok(mut guard) = self.queue.lock() else {
             return Err(batch);
         };
-        let held: u64 = queue.iter().map(|b| b.bytes).sum();
-        if held + batch.bytes > self.max_bytes && !queue.is_empty() {
+        let (queue, held) = &mut *guard;
+        if *held + batch.bytes > self.max_bytes && !queue.is_empty() {
             return Err(batch);
         }
+        *held += batch.bytes;
         queue.push_back(batch);
-        drop(queue);
+        drop(guard);
         self.ready.notify_one();
         Ok(())
     }
 
     pub fn pop(&self) -> Option<Batch> {
-        self.queue.lock().ok()?.pop_front()
-    }
-
-    /// Everything queued (shutdown: the rows stay in the spool).
-    pub fn drain(&self) -> Vec<Batch> {
-        self.queue
-            .lock()
-            .map(|mut q| q.drain(..).collect())
-            .unwrap_or_default()
+        let mut guard = self.queue.lock().ok()?;
+        let (queue, held) = &mut *guard;
+        let batch = queue.pop_front()?;
+        *held -= batch.bytes;
+        Some(batch)
     }
 }

@@ -153,14 +153,7 @@ impl Prepared {
     pub async fn bind(self) -> Result<UnixSocketListener, UnixSocketError> {
         let Prepared { config, gid } = self;
         let (section, path) = (config.section, config.path.as_path());
-        let io_err = |action: &'static str| {
-            move |source| UnixSocketError::Io {
-                action,
-                section,
-                path: path.to_owned(),
-                source,
-            }
-        };
+        let io_err = |action| io_err(action, section, path);
         remove_if_stale(section, path).await?;
 
         let socket = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(io_err("create"))?;
@@ -192,16 +185,23 @@ impl Prepared {
     }
 }
 
+/// Maps an I/O error of `action` on the socket file at `path` to its error.
+fn io_err<'a>(
+    action: &'static str,
+    section: &'static str,
+    path: &'a Path,
+) -> impl Fn(io::Error) -> UnixSocketError + 'a {
+    move |source| UnixSocketError::Io {
+        action,
+        section,
+        path: path.to_owned(),
+        source,
+    }
+}
+
 /// Removes a socket at `path` that nothing accepts on; refuses anything else.
 async fn remove_if_stale(section: &'static str, path: &Path) -> Result<(), UnixSocketError> {
-    let io_err = |action: &'static str| {
-        move |source| UnixSocketError::Io {
-            action,
-            section,
-            path: path.to_owned(),
-            source,
-        }
-    };
+    let io_err = |action| io_err(action, section, path);
     let meta = match fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
