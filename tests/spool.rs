@@ -225,6 +225,30 @@ async fn concurrent_deletes_all_take_effect_and_keep_the_counts_exact() {
 }
 
 #[tokio::test]
+async fn committed_rows_reach_the_database_file_without_a_close_by_the_checkpoint_thread() {
+    let dir = TempDir::new().expect("tempdir");
+    let path = spool_path(&dir);
+    let (spool, _) = open(&path);
+    let before = fs::metadata(&path).expect("db file").len();
+    // 4 MiB: far below the writer's own autocheckpoint (16384 pages), so only
+    // the checkpoint thread moves these pages from the WAL into the file.
+    spool.insert(batches(64, 64 * 1024)).await.expect("insert");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let grown = loop {
+        let len = fs::metadata(&path).expect("db file").len();
+        if len >= before + (4 << 20) || std::time::Instant::now() > deadline {
+            break len;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(
+        grown >= before + (4 << 20),
+        "the database file stayed at {grown} bytes (was {before}): nothing was checkpointed"
+    );
+    spool.close().await.expect("close");
+}
+
+#[tokio::test]
 async fn rows_survive_close_and_reopen_and_ids_are_not_reused() {
     let dir = TempDir::new().expect("tempdir");
     let path = spool_path(&dir);
