@@ -263,8 +263,10 @@ pub async fn run(
         receiver,
         admin,
         health,
-        close_listeners: CancellationToken::new(),
-        stop_background: CancellationToken::new(),
+        // Cancelled by the shutdown sequence in its order; children of
+        // `force`, so the one tree's root stops everything.
+        close_listeners: tokens.force.child_token(),
+        stop_background: tokens.force.child_token(),
         servers: TaskTracker::new(),
         exporters: TaskTracker::new(),
         background: TaskTracker::new(),
@@ -555,7 +557,7 @@ fn start_pipeline_tasks(agent: &Agent) {
     panics.spawn(
         &agent.exporters,
         "durable writer",
-        p.clone().run_durable_writer(),
+        p.clone().run_durable_writer(agent.tokens.force.clone()),
     );
     for _ in 0..replay_workers {
         panics.spawn(

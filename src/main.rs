@@ -162,7 +162,7 @@ fn run(config: Config, drain: Option<std::time::Duration>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let listeners = match drain {
             Some(_) => Ok(Listeners::default()),
             None => Listeners::bind(&config).await,
@@ -197,7 +197,11 @@ fn run(config: Config, drain: Option<std::time::Duration>) -> ExitCode {
                 ExitCode::from(2)
             }
         }
-    })
+    });
+    // A blocking task stuck on the spool (a write the deadline cut) must not
+    // hold the exit: the shutdown sequence has already accounted for it.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    code
 }
 
 /// First SIGTERM/SIGINT begins the shutdown sequence; a second one forces it.

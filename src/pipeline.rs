@@ -36,7 +36,10 @@ use crate::retry::{classify, Backoff, Verdict};
 use crate::signal::Signal;
 use crate::spool::Spool;
 
+mod spool_writes;
 mod spooled;
+
+use spool_writes::SpoolWrites;
 
 use spooled::ReplayClaims;
 
@@ -83,6 +86,8 @@ pub struct Pipeline {
     /// Durable mode: committed rows on their way upstream from memory.
     handoff: Option<Handoff>,
     max_row_bytes: u64,
+    /// Memory batches inside an unfinished spool write (for the shutdown count).
+    spool_writes: SpoolWrites,
 }
 
 struct Lane {
@@ -143,6 +148,7 @@ impl Pipeline {
             replay: Mutex::new(ReplayClaims::default()),
             claim_or_evict: tokio::sync::Mutex::new(()),
             replay_wake: Notify::new(),
+            spool_writes: SpoolWrites::default(),
         })
     }
 
@@ -416,6 +422,12 @@ impl Pipeline {
         }
         all.sort_by_key(|b| b.created_ms);
         all
+    }
+
+    /// Items per signal inside a spool write that has not finished: after a
+    /// cut shutdown, these are not known to be spooled.
+    pub fn spool_writes_in_flight(&self) -> Vec<(Signal, u64)> {
+        self.spool_writes.in_flight()
     }
 
     /// Sealed batches waiting for an export worker.

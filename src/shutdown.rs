@@ -22,10 +22,22 @@
 //!    or a task panicked.
 //!
 //! The whole sequence is bounded by `shutdown.timeout`, which the systemd unit's
-//! `TimeoutStopSec` exceeds.
+//! `TimeoutStopSec` exceeds: phases 1–3 by the flush budget, and every wait
+//! after `force` (exporters and the durable writer stopping, background tasks
+//! stopping, the spool write, the spool close) by the hard deadline. The durable
+//! writer stops at `force` and refuses what it had not committed (clients
+//! retry). When the deadline cuts a step, the summary names it
+//! (`cut_by_deadline=`), items not known to be spooled are counted as dropped
+//! (`shutdown_timeout`), and the exit status is 1.
+//!
+//! Tokens: one tree. `force` is the root; `begin`, the listeners' close and
+//! the background stop are its children, cancelled in the order above.
 
 use std::fmt;
-use std::time::{Duration, Instant};
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::app::Agent;
 use crate::metrics::DropReason;
@@ -46,11 +58,14 @@ pub struct Summary {
     pub spool_rows_left: u64,
     pub phases: Vec<(&'static str, Duration)>,
     pub panicked: bool,
+    /// The first step of the spool and close phases that `shutdown.timeout`
+    /// cut short, if any.
+    pub cut_step: Option<&'static str>,
 }
 
 impl Summary {
     pub fn exit_code(&self) -> i32 {
-        if self.dropped_at_shutdown > 0 || self.panicked {
+        if self.dropped_at_shutdown > 0 || self.panicked || self.cut_step.is_some() {
             1
         } else {
             0
@@ -77,6 +92,9 @@ impl fmt::Display for Summary {
             self.duplicates_risked,
             self.spool_rows_left,
         )?;
+        if let Some(step) = self.cut_step {
+            write!(f, " cut_by_deadline={step}")?;
+        }
         for (phase, d) in &self.phases {
             write!(f, " {phase}_ms={}", d.as_millis())?;
         }
@@ -137,10 +155,17 @@ pub async fn run(agent: Agent) -> Summary {
     wait_until(agent.exporters.wait(), flush_deadline, &agent).await;
     end_phase("flush", &mut phases);
 
-    // 4. Spool whatever upstream has not acknowledged.
+    // 4. Spool whatever upstream has not acknowledged. From here on every
+    // wait is bounded by the hard deadline; the first step it cuts is named
+    // in the summary and makes the exit status 1.
     agent.tokens.force.cancel();
-    agent.exporters.wait().await;
+    let mut hard = HardDeadline::new(hard_deadline);
+    hard.bound("stop_exporters", agent.exporters.wait()).await;
+    // The spiller may hold batches on their way into the spool: wait for it
+    // before collecting what is left, so each batch is either spooled, still
+    // here, or (deadline) counted below as in flight.
     agent.background.close();
+    hard.bound("stop_background", agent.background.wait()).await;
     let unfinished = agent.pipeline.take_unfinished();
     let mut dropped_at_shutdown = 0;
     if !unfinished.is_empty() {
@@ -152,20 +177,16 @@ pub async fn run(agent: Agent) -> Summary {
             bytes,
             "writing unacknowledged batches to the spool"
         );
-        let remaining = hard_deadline.saturating_duration_since(Instant::now());
         let counts: Vec<(Signal, u64)> = unfinished.iter().map(|b| (b.signal, b.items)).collect();
         let write = agent.pipeline.write_to_spool(unfinished);
-        let (unwritten, reason) = match tokio::time::timeout(remaining, write).await {
-            Ok(unwritten) => (
+        let (unwritten, reason) = match hard.bound("spool", write).await {
+            Some(unwritten) => (
                 unwritten.iter().map(|b| (b.signal, b.items)).collect(),
                 DropReason::SpoolFull,
             ),
-            Err(_) => {
-                // The spool thread may still commit the transaction, but we cannot
-                // wait to learn it: count the worst case.
-                tracing::error!("shutdown.timeout reached while writing the spool");
-                (counts, DropReason::ShutdownTimeout)
-            }
+            // The spool thread may still commit the transaction, but we cannot
+            // wait to learn it: count the worst case.
+            None => (counts, DropReason::ShutdownTimeout),
         };
         for (signal, items) in &unwritten {
             agent.metrics.dropped(*signal, reason, *items);
@@ -185,10 +206,26 @@ pub async fn run(agent: Agent) -> Summary {
     // 5. Close the spool and report.
     let spool = agent.pipeline.spool().clone();
     let spool_rows_left = spool.stats_cached().rows;
-    if let Err(e) = spool.close().await {
+    if let Some(Err(e)) = hard.bound("close", spool.close()).await {
         tracing::error!(error = %e, "spool did not close cleanly");
     }
-    agent.background.wait().await;
+    // Batches still inside a spool write that the deadline cut (a spiller or
+    // an export worker moving them to the spool): not known to be spooled.
+    let mut in_flight = 0;
+    for (signal, items) in agent.pipeline.spool_writes_in_flight() {
+        agent
+            .metrics
+            .dropped(signal, DropReason::ShutdownTimeout, items);
+        in_flight += items;
+    }
+    if in_flight > 0 {
+        tracing::error!(
+            items = in_flight,
+            reason = DropReason::ShutdownTimeout.as_str(),
+            "batches on their way into the spool when the deadline cut; these items are lost"
+        );
+        dropped_at_shutdown += in_flight;
+    }
     end_phase("close", &mut phases);
 
     let m = &agent.metrics;
@@ -205,6 +242,7 @@ pub async fn run(agent: Agent) -> Summary {
         spool_rows_left,
         phases,
         panicked: agent.panics.is_set(),
+        cut_step: hard.cut,
     };
     if summary.panicked {
         tracing::error!("a task panicked during the run; exiting non-zero");
@@ -217,15 +255,79 @@ pub async fn run(agent: Agent) -> Summary {
     summary
 }
 
+/// The hard deadline of the shutdown sequence, and the first step it cut.
+#[derive(Debug)]
+struct HardDeadline {
+    at: Instant,
+    cut: Option<&'static str>,
+}
+
+impl HardDeadline {
+    fn new(at: Instant) -> HardDeadline {
+        HardDeadline { at, cut: None }
+    }
+
+    /// Run `fut` until the deadline. `None` when the deadline cut it (the
+    /// future is dropped); once one step was cut, later steps still get a
+    /// first poll, so work that completes at once is not lost.
+    async fn bound<T>(&mut self, step: &'static str, fut: impl Future<Output = T>) -> Option<T> {
+        match tokio::time::timeout_at(self.at, fut).await {
+            Ok(value) => Some(value),
+            Err(_) => {
+                if self.cut.is_none() {
+                    tracing::error!(step, "shutdown.timeout reached; cutting this step short");
+                    self.cut = Some(step);
+                }
+                None
+            }
+        }
+    }
+}
+
 /// Wait for `fut` until `deadline`, or until `force` fires.
-async fn wait_until(fut: impl std::future::Future<Output = ()>, deadline: Instant, agent: &Agent) {
+async fn wait_until(fut: impl Future<Output = ()>, deadline: Instant, agent: &Agent) {
     tokio::select! {
         _ = fut => {}
-        _ = tokio::time::sleep_until(deadline.into()) => {
+        _ = tokio::time::sleep_until(deadline) => {
             tracing::warn!("flush budget used up");
         }
         _ = agent.tokens.force.cancelled() => {
             tracing::warn!("second signal: skipping to the spool step");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_hard_deadline_cuts_a_stalled_step_at_the_deadline_and_names_it() {
+        let start = Instant::now();
+        let mut hard = HardDeadline::new(start + Duration::from_secs(20));
+        assert_eq!(hard.bound("quick", async { 7 }).await, Some(7));
+        let stalled = hard.bound("spool", std::future::pending::<()>()).await;
+        assert_eq!(stalled, None);
+        assert_eq!(start.elapsed(), Duration::from_secs(20));
+        assert_eq!(hard.cut, Some("spool"));
+        // Later steps still get their first poll; the first cut stays named.
+        assert_eq!(hard.bound("close", async { 1 }).await, Some(1));
+        assert_eq!(
+            hard.bound("close", std::future::pending::<()>()).await,
+            None
+        );
+        assert_eq!(hard.cut, Some("spool"));
+        assert_eq!(start.elapsed(), Duration::from_secs(20));
+    }
+
+    #[test]
+    fn a_cut_step_is_in_the_summary_line_and_makes_the_exit_status_one() {
+        let summary = Summary {
+            cut_step: Some("close"),
+            ..Summary::default()
+        };
+        assert_eq!(summary.exit_code(), 1);
+        assert!(summary.to_string().contains(" cut_by_deadline=close"));
+        assert_eq!(Summary::default().exit_code(), 0);
     }
 }

@@ -77,21 +77,63 @@ impl Pipeline {
     }
 
     /// Durable mode: the group-commit writer; ends once shutdown closed the
-    /// pipeline and every waiting request is committed.
-    pub async fn run_durable_writer(self: Arc<Self>) {
+    /// pipeline and every waiting request is committed, or at `force`: then
+    /// the group being committed and every request still waiting are answered
+    /// UNAVAILABLE (the clients retry), so a spool write that blocks cannot
+    /// hold the process past `shutdown.timeout`.
+    pub async fn run_durable_writer(self: Arc<Self>, force: CancellationToken) {
         let Some(mut rx) = self.durable_rx.lock().ok().and_then(|mut r| r.take()) else {
             return;
         };
-        while let Some(group) = crate::durable::next_group(&mut rx, self.max_row_bytes * 3).await {
-            // Hold the claim lock from before the commit until the rows are
-            // claimed: a replay worker that read a new row in between could
-            // export it, delete it and release it before the hand-off, which
-            // would then export it a second time.
-            let claim_lock = self.claim_or_evict.lock().await;
-            let committed =
-                crate::durable::commit_group(&self.spool, group, &self.metrics, self.max_row_bytes)
-                    .await;
-            self.hand_off(committed, claim_lock);
+        let max_group = self.max_row_bytes * 3;
+        loop {
+            let group = tokio::select! {
+                biased;
+                _ = force.cancelled() => break,
+                group = crate::durable::next_group(&mut rx, max_group) => match group {
+                    Some(group) => group,
+                    None => return,
+                },
+            };
+            let waiting = group.len();
+            let commit = async {
+                // Hold the claim lock from before the commit until the rows are
+                // claimed: a replay worker that read a new row in between could
+                // export it, delete it and release it before the hand-off, which
+                // would then export it a second time.
+                let claim_lock = self.claim_or_evict.lock().await;
+                let committed = crate::durable::commit_group(
+                    &self.spool,
+                    group,
+                    &self.metrics,
+                    self.max_row_bytes,
+                )
+                .await;
+                self.hand_off(committed, claim_lock);
+            };
+            tokio::select! {
+                biased;
+                _ = force.cancelled() => {
+                    // Dropping the commit drops its requests' answers: they are
+                    // refused as shutting down. The spool thread may still commit
+                    // the rows; then the clients' retries are duplicates.
+                    tracing::warn!(requests = waiting, "shutdown deadline: durable commit cut off; its requests are refused");
+                    break;
+                }
+                _ = commit => {}
+            }
+        }
+        rx.close();
+        let mut refused = 0u64;
+        while let Ok(pending) = rx.try_recv() {
+            drop(pending);
+            refused += 1;
+        }
+        if refused > 0 {
+            tracing::warn!(
+                requests = refused,
+                "shutdown deadline: requests waiting for a durable commit are refused"
+            );
         }
     }
 
@@ -134,6 +176,7 @@ impl Pipeline {
     /// dropped from memory and counted. With `spool.when_full = "drop_oldest"`
     /// the oldest spooled batches are evicted (and counted) to make room.
     pub async fn write_to_spool(&self, batches: Vec<Batch>) -> Vec<Batch> {
+        let _in_flight = self.spool_writes.track(&batches);
         let mut pending = batches;
         for _attempt in 0..3 {
             if pending.is_empty() {
