@@ -5,12 +5,10 @@
 //! and the files the config names, read before either ([`Files`]), so tests,
 //! `main` and socket activation all share [`run`].
 
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use futures::FutureExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,10 +22,13 @@ use crate::receiver::auth::{self, TokenFileError};
 use crate::receiver::connections::{self, ConnectionLimits};
 use crate::receiver::unix_socket::{self, UnixSocketError, UnixSocketListener};
 use crate::receiver::{self, Receiver};
-use crate::reload::{Files, ReloadRequests, Reloadable, Reloader};
+use crate::reload::{Files, FilesError, ReloadRequests, Reloader};
+use crate::reloadable::Reloadable;
+pub use crate::shutdown::ShutdownTokens;
 use crate::shutdown::{self, Summary};
 use crate::signal::Signal;
 use crate::spool::{OpenReport, Spool};
+pub use crate::task::PanicFlag;
 use crate::tls::{ServerTls, TlsError};
 
 /// The sockets the agent serves on, bound by the caller.
@@ -72,6 +73,8 @@ pub enum StartError {
     UnixSocket(#[from] UnixSocketError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Files(#[from] FilesError),
 }
 
 impl Listeners {
@@ -128,59 +131,7 @@ impl Listeners {
     }
 }
 
-/// The two shutdown triggers, one tree: cancelling `force` also cancels `begin`.
-#[derive(Debug, Clone)]
-pub struct ShutdownTokens {
-    /// Skip the flush: spool what is left now (second signal, flush deadline).
-    pub force: CancellationToken,
-    /// Start the shutdown sequence (first signal).
-    pub begin: CancellationToken,
-}
-
-impl ShutdownTokens {
-    pub fn new() -> ShutdownTokens {
-        let force = CancellationToken::new();
-        let begin = force.child_token();
-        ShutdownTokens { force, begin }
-    }
-}
-
-impl Default for ShutdownTokens {
-    fn default() -> Self {
-        ShutdownTokens::new()
-    }
-}
-
-/// Records whether any task panicked; a panic makes the shutdown not graceful.
-#[derive(Debug, Default, Clone)]
-pub struct PanicFlag(Arc<AtomicBool>);
-
-impl PanicFlag {
-    pub fn is_set(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-
-    /// Spawn `fut` on `tracker`; a panic is logged with the task's name and recorded.
-    pub fn spawn<F>(&self, tracker: &TaskTracker, name: &'static str, fut: F)
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
-        let flag = self.0.clone();
-        tracker.spawn(async move {
-            if let Err(panic) = std::panic::AssertUnwindSafe(fut).catch_unwind().await {
-                let msg = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                tracing::error!(task = name, panic = %msg, "task panicked");
-                flag.store(true, Ordering::Release);
-            }
-        });
-    }
-}
-
-/// The running stages, as the shutdown sequence needs them.
+/// The running stages, as `run` assembles them.
 pub struct Agent {
     pub config: Config,
     pub metrics: Arc<Metrics>,
@@ -197,6 +148,27 @@ pub struct Agent {
     pub background: TaskTracker,
     pub panics: PanicFlag,
     pub tokens: ShutdownTokens,
+}
+
+impl Agent {
+    /// The handles the shutdown sequence stops, in its order.
+    fn into_stages(self) -> shutdown::Stages {
+        shutdown::Stages {
+            config: self.config.shutdown,
+            metrics: self.metrics,
+            pipeline: self.pipeline,
+            receiver: self.receiver,
+            admin: self.admin,
+            health: self.health,
+            close_listeners: self.close_listeners,
+            stop_background: self.stop_background,
+            servers: self.servers,
+            exporters: self.exporters,
+            background: self.background,
+            panics: self.panics,
+            tokens: self.tokens,
+        }
+    }
 }
 
 /// Run the agent until the shutdown sequence completes. `files` is
@@ -364,10 +336,15 @@ pub async fn run(
             status.push_str(&format!(" {key}={socket}"));
         }
     }
-    crate::systemd::ready(&agent, &status);
+    crate::systemd::ready(
+        &status,
+        &agent.panics,
+        &agent.background,
+        agent.tokens.force.clone(),
+    );
 
     agent.tokens.begin.cancelled().await;
-    Ok(shutdown::run(agent).await)
+    Ok(shutdown::run(agent.into_stages()).await)
 }
 
 /// `telespool drain`: no listeners; replay the spool until it is empty or

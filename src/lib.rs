@@ -12,6 +12,23 @@
 //! `app` assembles the stages under one cancellation tree; `shutdown` owns the
 //! order of the stop sequence; `tls` and `reload` hold the files read at start
 //! and on SIGHUP.
+//!
+//! # Layers
+//!
+//! Each top-level module (a folder counts as one) belongs to one layer and
+//! imports only modules of its own layer or the layers below it, and the
+//! imports have no cycle. `tests/layers.rs` reads this table and checks the
+//! source against it, so it stays true.
+//!
+//! ```text
+//! layer      modules
+//! app        app
+//! lifecycle  shutdown reload systemd commands cli
+//! edges      receiver admin
+//! pipeline   pipeline
+//! stages     batch queue spool durable exporter
+//! leaves     signal config reloadable task activation retry wire metrics tls buffer
+//! ```
 #![forbid(unsafe_code)]
 
 pub mod activation;
@@ -29,10 +46,12 @@ pub mod pipeline;
 pub mod queue;
 pub mod receiver;
 pub mod reload;
+pub mod reloadable;
 pub mod retry;
 pub mod shutdown;
 pub mod signal;
 pub mod spool;
 pub mod systemd;
+pub mod task;
 pub mod tls;
 pub mod wire;

@@ -17,39 +17,16 @@
 //! - The config file itself is not re-read: changing a path or any other key
 //!   needs a restart.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::exporter::{Upstream, UpstreamSetup};
-use crate::receiver::auth::Tokens;
-
-/// A value that a reload can replace; readers get the current one.
-#[derive(Debug)]
-pub struct Reloadable<T>(Arc<RwLock<Arc<T>>>);
-
-impl<T> Clone for Reloadable<T> {
-    fn clone(&self) -> Self {
-        Reloadable(self.0.clone())
-    }
-}
-
-impl<T> Reloadable<T> {
-    pub fn new(value: T) -> Reloadable<T> {
-        Reloadable(Arc::new(RwLock::new(Arc::new(value))))
-    }
-
-    /// The current value; it stays valid for the holder after a reload.
-    pub fn get(&self) -> Arc<T> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn set(&self, value: T) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(value);
-    }
-}
+use crate::receiver::auth::{TokenFileError, Tokens};
+use crate::reloadable::Reloadable;
+use crate::tls::TlsError;
 
 /// Requests for a reload (SIGHUP), from `main`'s signal handler to the agent.
 /// A request made while a reload runs starts another one after it.
@@ -66,6 +43,17 @@ impl ReloadRequests {
     }
 }
 
+/// A file the config names cannot be used; the start stops with this error.
+#[derive(Debug, thiserror::Error)]
+pub enum FilesError {
+    #[error(transparent)]
+    Exporter(#[from] crate::exporter::ExporterError),
+    #[error(transparent)]
+    TokenFile(#[from] TokenFileError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
 /// Everything read from the files the config names.
 pub struct Files {
     pub tokens: Option<Tokens>,
@@ -76,7 +64,7 @@ pub struct Files {
 
 impl Files {
     /// Read every file the config names. Needs no runtime.
-    pub fn load(config: &Config) -> Result<Files, crate::app::StartError> {
+    pub fn load(config: &Config) -> Result<Files, FilesError> {
         Ok(Files {
             tokens: load_tokens(config)?,
             receiver_tls: load_receiver_tls(config)?,

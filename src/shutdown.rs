@@ -39,9 +39,64 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::app::Agent;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::AdminState;
+use crate::config::ShutdownConfig;
 use crate::metrics::DropReason;
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::receiver::Receiver;
 use crate::signal::Signal;
+use crate::task::PanicFlag;
+
+/// The two shutdown triggers, one tree: cancelling `force` also cancels `begin`.
+#[derive(Debug, Clone)]
+pub struct ShutdownTokens {
+    /// Skip the flush: spool what is left now (second signal, flush deadline).
+    pub force: CancellationToken,
+    /// Start the shutdown sequence (first signal).
+    pub begin: CancellationToken,
+}
+
+impl ShutdownTokens {
+    pub fn new() -> ShutdownTokens {
+        let force = CancellationToken::new();
+        let begin = force.child_token();
+        ShutdownTokens { force, begin }
+    }
+}
+
+impl Default for ShutdownTokens {
+    fn default() -> Self {
+        ShutdownTokens::new()
+    }
+}
+
+/// What the sequence stops, in its order; `app` hands them over when the
+/// first signal arrives.
+pub struct Stages {
+    pub config: ShutdownConfig,
+    pub metrics: Arc<Metrics>,
+    pub pipeline: Arc<Pipeline>,
+    pub receiver: Arc<Receiver>,
+    /// Readiness (`/readyz`), turned off first.
+    pub admin: Arc<AdminState>,
+    /// gRPC health, NOT_SERVING first.
+    pub health: tonic_health::server::HealthReporter,
+    /// Closes the OTLP listeners (graceful: in-flight requests complete).
+    pub close_listeners: CancellationToken,
+    /// Stops background loops (batch timer, spiller) and replay intake.
+    pub stop_background: CancellationToken,
+    pub servers: TaskTracker,
+    pub exporters: TaskTracker,
+    pub background: TaskTracker,
+    pub panics: PanicFlag,
+    pub tokens: ShutdownTokens,
+}
 
 /// What happened in one run of the agent, for the summary line and the exit code.
 #[derive(Debug, Clone, Default)]
@@ -103,11 +158,11 @@ impl fmt::Display for Summary {
 }
 
 /// Run phases 1–5. Returns once the spool is closed.
-pub async fn run(agent: Agent) -> Summary {
+pub async fn run(agent: Stages) -> Summary {
     crate::systemd::stopping();
     let t0 = Instant::now();
-    let flush_deadline = t0 + agent.config.shutdown.flush_budget;
-    let hard_deadline = t0 + agent.config.shutdown.timeout;
+    let flush_deadline = t0 + agent.config.flush_budget;
+    let hard_deadline = t0 + agent.config.timeout;
     let mut phases = Vec::new();
     let mut phase_start = Instant::now();
     let mut end_phase = |name: &'static str, phases: &mut Vec<_>| {
@@ -121,8 +176,8 @@ pub async fn run(agent: Agent) -> Summary {
         phase_start = Instant::now();
     };
     tracing::info!(
-        flush_budget = ?agent.config.shutdown.flush_budget,
-        timeout = ?agent.config.shutdown.timeout,
+        flush_budget = ?agent.config.flush_budget,
+        timeout = ?agent.config.timeout,
         "shutdown started"
     );
 
@@ -285,7 +340,7 @@ impl HardDeadline {
 }
 
 /// Wait for `fut` until `deadline`, or until `force` fires.
-async fn wait_until(fut: impl Future<Output = ()>, deadline: Instant, agent: &Agent) {
+async fn wait_until(fut: impl Future<Output = ()>, deadline: Instant, agent: &Stages) {
     tokio::select! {
         _ = fut => {}
         _ = tokio::time::sleep_until(deadline) => {

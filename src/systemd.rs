@@ -17,7 +17,10 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-use crate::app::Agent;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::task::PanicFlag;
 
 /// Whether a service manager listens for notifications.
 pub fn enabled() -> bool {
@@ -33,8 +36,9 @@ fn notify(states: &[NotifyState<'_>]) {
     }
 }
 
-/// `READY=1` with a status line, and start the watchdog if systemd asked for one.
-pub fn ready(agent: &Agent, status: &str) {
+/// `READY=1` with a status line, and start the watchdog if systemd asked for
+/// one: a task on `tracker` that pings until `stop`.
+pub fn ready(status: &str, panics: &PanicFlag, tracker: &TaskTracker, stop: CancellationToken) {
     if !enabled() {
         return;
     }
@@ -46,19 +50,16 @@ pub fn ready(agent: &Agent, status: &str) {
         ping_every_ms = interval.as_millis() as u64,
         "systemd watchdog enabled"
     );
-    let stop = agent.tokens.force.clone();
-    agent
-        .panics
-        .spawn(&agent.background, "systemd watchdog", async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => notify(&[NotifyState::Watchdog]),
-                }
+    panics.spawn(tracker, "systemd watchdog", async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => notify(&[NotifyState::Watchdog]),
             }
-        });
+        }
+    });
 }
 
 /// `STOPPING=1`: the shutdown sequence has begun.

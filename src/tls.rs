@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::config::{ReceiverTlsConfig, UpstreamTlsConfig};
-use crate::reload::Reloadable;
+use crate::reloadable::Reloadable;
 
 /// Why a TLS file could not be used. `key` is the config key naming the file.
 #[derive(Debug, thiserror::Error)]

@@ -31,7 +31,7 @@ use http::header;
 use subtle::ConstantTimeEq;
 
 use super::{IngestError, Receiver};
-use crate::reload::Reloadable;
+use crate::reloadable::Reloadable;
 use crate::signal::Signal;
 
 /// Why the token file could not be used.

@@ -41,8 +41,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::PanicFlag;
 use crate::config::ReceiverConfig;
+use crate::task::PanicFlag;
 use crate::tls::ServerTls;
 
 /// The connection-level limits of one listener (from `[receiver]`).

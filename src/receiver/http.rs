@@ -58,7 +58,7 @@ enum Encoding {
 pub fn router(
     receiver: Arc<Receiver>,
     cors: &CorsConfig,
-    tokens: Option<crate::reload::Reloadable<auth::Tokens>>,
+    tokens: Option<crate::reloadable::Reloadable<auth::Tokens>>,
 ) -> Router {
     let allow: &'static str = match cors.enabled() {
         true => "POST, OPTIONS",
