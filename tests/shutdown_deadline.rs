@@ -163,3 +163,69 @@ async fn durable_sigterm_with_the_spool_locked_refuses_the_uncommitted_request_a
     let (_, spooled_items) = spool_contents(agent.spool_path());
     assert_eq!(spooled_items, committed.len() as u64, "{}", agent.stderr());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_while_the_spiller_fills_a_nearly_full_spool_accounts_for_every_acknowledged_id() {
+    let upstream = Upstream::start().await;
+    upstream.stop().await;
+    let mut agent = ok(AgentProcess::builder()
+        .upstream(&upstream.endpoint())
+        .config_toml(
+            "[receiver]\nmax_request_bytes = \"1MiB\"\n[buffer]\nmax_bytes = \"2MiB\"\nmax_wait = \"20ms\"\n\
+             [batch]\nmax_bytes = \"128KiB\"\ntimeout = \"20ms\"\n\
+             [spool]\nmax_bytes = \"3MiB\"\n\
+             [shutdown]\nflush_budget = \"500ms\"\ntimeout = \"10s\"\n",
+        )
+        .start()
+        .await);
+    let sender = Sender::builder(agent.grpc_addr(), Signal::Traces)
+        .batch(50)
+        .workers(4)
+        .max_duration(Duration::from_secs(60))
+        .max_attempts(1)
+        .start();
+    // The spiller is moving batches and the spool is more than half full.
+    ok(
+        eventually("spool half full", Duration::from_secs(60), || async {
+            let bytes = agent.metric("telespool_spool_bytes").await.ok().flatten();
+            bytes.filter(|b| *b > 1.5 * 1024.0 * 1024.0).map(|_| ())
+        })
+        .await,
+    );
+    agent.signal(SIGTERM);
+    let status = agent.wait_exit(Duration::from_secs(30)).await;
+    let report = sender.stop().await;
+    let status = status.expect("agent exits");
+
+    // The summary's accounting: everything accepted is spooled or dropped
+    // (upstream was down throughout), and the file holds what was spooled.
+    let received = agent.summary_field("received").expect("summary");
+    let spooled = agent.summary_field("spooled").expect("summary");
+    let dropped = agent.summary_field("dropped").expect("summary");
+    assert_eq!(agent.summary_field("forwarded"), Some(0));
+    assert_eq!(received, spooled + dropped, "{}", agent.stderr());
+    let (_, in_file) = spool_contents(agent.spool_path());
+    assert_eq!(in_file, spooled, "{}", agent.stderr());
+    assert_eq!(status.success(), dropped == 0, "exit status {status:?}");
+    let acknowledged = &report.acknowledged;
+    assert!(acknowledged.len() as u64 <= received);
+
+    // Replayed after a restart: every acknowledged id arrives but at most
+    // the dropped (counted) ones.
+    upstream.restart().await;
+    ok(agent.restart().await);
+    ok(
+        eventually("spool drained", Duration::from_secs(60), || async {
+            let rows = agent.metric("telespool_spool_rows").await.ok().flatten();
+            (rows == Some(0.0)).then_some(())
+        })
+        .await,
+    );
+    let delivered = upstream.unique_ids(Signal::Traces);
+    let missing = acknowledged.difference(&delivered).count() as u64;
+    assert!(
+        missing <= dropped,
+        "{missing} acknowledged ids neither delivered nor counted (dropped {dropped})"
+    );
+    assert_eq!(delivered.len() as u64, in_file);
+}
