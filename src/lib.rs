@@ -33,6 +33,8 @@ pub mod retry;
 pub mod shutdown;
 pub mod signal;
 pub mod spool;
+pub mod status;
 pub mod systemd;
 pub mod tls;
+pub mod top;
 pub mod wire;

@@ -119,6 +119,10 @@ pub async fn run(agent: Agent) -> Summary {
         .await;
     end_phase("readiness_off", &mut phases);
 
+    agent
+        .admin
+        .status
+        .set_phase(crate::status::Phase::DrainingRequests);
     // 2. Refuse new requests, close listeners, let in-flight requests finish.
     agent.receiver.stop_accepting();
     agent.close_listeners.cancel();
@@ -127,6 +131,7 @@ pub async fn run(agent: Agent) -> Summary {
     wait_until(agent.servers.wait(), flush_deadline, &agent).await;
     end_phase("drain_requests", &mut phases);
 
+    agent.admin.status.set_phase(crate::status::Phase::Flushing);
     // 3. Flush: seal open batches, close the queue, let workers drain it.
     agent.pipeline.close();
     agent.exporters.close();
@@ -137,6 +142,7 @@ pub async fn run(agent: Agent) -> Summary {
     wait_until(agent.exporters.wait(), flush_deadline, &agent).await;
     end_phase("flush", &mut phases);
 
+    agent.admin.status.set_phase(crate::status::Phase::Spooling);
     // 4. Spool whatever upstream has not acknowledged.
     agent.tokens.force.cancel();
     agent.exporters.wait().await;
@@ -182,6 +188,7 @@ pub async fn run(agent: Agent) -> Summary {
     }
     end_phase("spool", &mut phases);
 
+    agent.admin.status.set_phase(crate::status::Phase::Closing);
     // 5. Close the spool and report.
     let spool = agent.pipeline.spool().clone();
     let spool_rows_left = spool.stats_cached().rows;
