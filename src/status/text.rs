@@ -115,13 +115,21 @@ fn sum(counts: &[Count]) -> u64 {
     counts.iter().map(|c| c.value).sum()
 }
 
-/// "none configured", "http://… (grpc), up" or "… FAILING since …".
+/// "none configured", "http://… (grpc), up" or "… FAILING for …; last error: …".
 pub fn upstream(s: &Status) -> String {
+    match upstream_parts(s) {
+        (state, Some(error)) => format!("{state}; last error: {error}"),
+        (state, None) => state,
+    }
+}
+
+/// The upstream's state, and its last error while it is failing.
+pub fn upstream_parts(s: &Status) -> (String, Option<String>) {
     let Some(u) = &s.upstream else {
-        return "none configured (data is buffered, refused with backpressure when full, and spooled at shutdown)".to_owned();
+        return ("none configured (data is buffered, refused with backpressure when full, and spooled at shutdown)".to_owned(), None);
     };
     if u.up {
-        return format!("{} ({}), up", u.endpoint, u.protocol);
+        return (format!("{} ({}), up", u.endpoint, u.protocol), None);
     }
     let since = match u.failing_since_unix_ms {
         0 => String::new(),
@@ -132,10 +140,11 @@ pub fn upstream(s: &Status) -> String {
             ))
         ),
     };
-    format!(
-        "{} ({}), FAILING{since}, {} failed exports; last error: {}",
-        u.endpoint, u.protocol, u.consecutive_failures, u.last_error
-    )
+    let state = format!(
+        "{} ({}), FAILING{since}, {} failed exports",
+        u.endpoint, u.protocol, u.consecutive_failures
+    );
+    (state, Some(u.last_error.clone()))
 }
 
 /// Bytes with a binary unit: "0 B", "512 B", "1.5 MiB".

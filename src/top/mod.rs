@@ -24,6 +24,9 @@ use crate::commands::CommandError;
 
 pub mod view;
 
+#[cfg(test)]
+mod tests;
+
 use view::{Connection, View};
 
 /// How long `top` waits before reconnecting after the stream was lost.

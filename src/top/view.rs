@@ -60,6 +60,8 @@ pub struct View {
     pub title: String,
     pub connection: Connection,
     pub upstream: String,
+    /// The last export error, while upstream is failing.
+    pub upstream_error: Option<String>,
     pub upstream_up: Option<bool>,
     /// "p50 ≤4 ms  p90 ≤8 ms  p99 ≤16 ms", over the last interval if there
     /// were calls in it, else since start.
@@ -164,6 +166,7 @@ impl View {
         let replayed_now: u64 = cur.signals.iter().map(|t| t.replayed_items_total).sum();
         let replayed_before = prev.map(|p| p.signals.iter().map(|t| t.replayed_items_total).sum());
         let drain = drain_estimate(held, rate(replayed_now, replayed_before));
+        let (upstream, upstream_error) = crate::status::text::upstream_parts(cur);
         View {
             title: format!(
                 " telespool {} at {addr} · {} · up {} ",
@@ -175,7 +178,8 @@ impl View {
                 duration(Duration::from_millis(cur.uptime_ms))
             ),
             connection,
-            upstream: crate::status::text::upstream(cur),
+            upstream,
+            upstream_error,
             upstream_up: cur.upstream.as_ref().map(|u| u.up),
             latency: latency(prev, cur),
             buffer_fill,
@@ -269,6 +273,10 @@ pub fn bar(fill: f64, width: usize) -> String {
 }
 
 const BAR_WIDTH: usize = 30;
+/// Upstream (2), latency, buffer, spool, drain.
+const HEADER_ROWS: u16 = 6;
+/// Header, three signals, a blank line.
+const TABLE_ROWS: u16 = 5;
 
 /// Lay `view` out on the frame.
 pub fn draw(frame: &mut Frame, view: &View) {
@@ -280,8 +288,8 @@ pub fn draw(frame: &mut Frame, view: &View) {
     let inner = block.inner(area);
     frame.render_widget(block, area);
     let [top, table, reasons, footer] = Layout::vertical([
-        Constraint::Length(5),
-        Constraint::Length(5),
+        Constraint::Length(HEADER_ROWS),
+        Constraint::Length(TABLE_ROWS),
         Constraint::Min(1),
         Constraint::Length(1),
     ])
@@ -302,6 +310,10 @@ pub fn draw(frame: &mut Frame, view: &View) {
             Span::raw("upstream  "),
             Span::styled(view.upstream.clone(), up_style),
         ]),
+        match &view.upstream_error {
+            Some(e) => Line::styled(format!("          last error: {e}"), up_style),
+            None => Line::from(""),
+        },
         Line::from(format!("latency   {}", view.latency)),
         Line::from(vec![
             Span::raw("buffer    "),
@@ -400,7 +412,11 @@ pub fn draw(frame: &mut Frame, view: &View) {
 /// The rows the view needs at most (so `--once` prints no empty tail).
 pub fn height(view: &View) -> u16 {
     let reasons = |l: &Vec<ReasonRow>| l.len().max(1) + usize::from(!l.is_empty());
-    let rows = 2 + 5 + 5 + reasons(&view.refusals) + reasons(&view.drops) + 1;
+    let rows = 2
+        + usize::from(HEADER_ROWS + TABLE_ROWS)
+        + reasons(&view.refusals)
+        + reasons(&view.drops)
+        + 1;
     u16::try_from(rows).unwrap_or(u16::MAX)
 }
 
