@@ -202,7 +202,9 @@ fn a_lost_connection_is_shown_with_the_last_snapshot() {
     );
     let text = lines.join("\n");
     assert!(
-        text.contains("CONNECTION LOST: the agent ended the stream (shut down?); retrying"),
+        text.contains(
+            "CONNECTION LOST (retrying every second): the agent ended the stream (shut down?)"
+        ),
         "{text}"
     );
     assert!(

@@ -393,7 +393,7 @@ pub fn draw(frame: &mut Frame, view: &View) {
         Connection::Live => ("live".to_owned(), Style::default().fg(Color::Green)),
         Connection::Connecting => ("connecting…".to_owned(), Style::default().fg(Color::Yellow)),
         Connection::Lost(why) => (
-            format!("CONNECTION LOST: {why}; retrying"),
+            format!("CONNECTION LOST (retrying every second): {why}"),
             Style::default().fg(Color::Red).add_modifier(Modifier::BOLD),
         ),
     };
