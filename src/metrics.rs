@@ -139,7 +139,7 @@ pub struct Metrics {
     /// Items whose export was in flight when shutdown cut it: they are spooled
     /// and may reach upstream twice.
     pub duplicates_risked: AtomicU64,
-    /// 1 for every address the receivers serve on (`telespool status` lists them).
+    /// 1 for every address the receivers serve on.
     pub listener_info: Family<ListenerLabels, Gauge>,
 }
 
