@@ -222,6 +222,12 @@ pub async fn run(
         ready: AtomicBool::new(false),
         registry: metrics.registry(),
         pipeline: pipeline.clone(),
+        status: crate::status::StatusSource::new(
+            &config,
+            crate::status::listeners_of(&listeners),
+            metrics.clone(),
+            pipeline.clone(),
+        ),
     });
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -298,8 +304,8 @@ pub async fn run(
     }
     if let Some(listener) = listeners.admin {
         // The admin listener stays up through shutdown so /readyz shows 503.
-        let router = admin::router(agent.admin.clone());
         let stop = agent.tokens.force.clone();
+        let router = admin::router(agent.admin.clone(), stop.clone());
         agent
             .panics
             .spawn(&agent.background, "admin server", async move {

@@ -29,8 +29,23 @@ pub enum Command {
     Run,
     /// Check the configuration and print the effective config, or the error.
     CheckConfig,
-    /// Ask a running agent (its admin listener) for a short summary.
-    Status,
+    /// Ask a running agent (its admin API on admin.listen) for a summary;
+    /// exit 2 when no agent answers.
+    Status {
+        /// Print the snapshot as JSON (the admin API's field names), for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A live full-screen view of a running agent: rates, refusals, drops,
+    /// buffer and spool fill, upstream. `q` quits.
+    Top {
+        /// Print one frame as plain text and exit (for scripts and tests).
+        #[arg(long)]
+        once: bool,
+        /// Time between refreshes, e.g. "1s" (at least 250ms).
+        #[arg(long, default_value = "1s", value_parser = crate::config::parse_duration)]
+        interval: std::time::Duration,
+    },
     /// Offline spool tools (refused while an agent holds the spool).
     Spool {
         #[command(subcommand)]

@@ -1,12 +1,11 @@
-//! Operator commands besides `run`: `status` (asks a running agent), the
+//! Operator commands besides `run`: `status` (asks a running agent's admin
+//! API; `top` is in [`crate::top`]), the
 //! offline spool tools, and `drain` (decommissioning a node).
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty};
 use prost::Message;
 
 use crate::signal::Signal;
@@ -17,148 +16,36 @@ use crate::spool;
 pub enum CommandError {
     #[error("cannot reach the telespool admin listener at {addr}: {cause}; is the agent running, and is admin.listen right?")]
     Unreachable { addr: SocketAddr, cause: String },
+    /// The admin API answered with an error other than "unavailable".
+    #[error("the telespool admin API at {addr} answered {code}: {message}")]
+    Api {
+        addr: SocketAddr,
+        code: String,
+        message: String,
+    },
+    /// `top` without `--once` needs a terminal to draw on.
+    #[error("telespool top needs a terminal; use `telespool top --once` for one frame as text")]
+    NotATerminal,
+    #[error("cannot render the status as JSON: {0}")]
+    Json(serde_json::Error),
     #[error(transparent)]
     Spool(#[from] spool::SpoolError),
     #[error("cannot write to stdout: {0}")]
     Stdout(#[from] std::io::Error),
 }
 
-/// GET `path` from the admin listener over HTTP/1.1.
-pub async fn admin_get(addr: SocketAddr, path: &str) -> Result<(u16, String), CommandError> {
-    let unreachable = |cause: String| CommandError::Unreachable { addr, cause };
-    let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-        .await
-        .map_err(|_| unreachable("connect timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-    tokio::spawn(conn);
-    let request = http::Request::get(path)
-        .header(http::header::HOST, addr.to_string())
-        .body(Empty::<bytes::Bytes>::new())
-        .map_err(|e| unreachable(e.to_string()))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let status = response.status().as_u16();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| unreachable(e.to_string()))?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-/// `telespool status`: a short human summary from `/readyz` and `/metrics`.
-pub async fn status(addr: SocketAddr) -> Result<String, CommandError> {
-    let (ready, _) = admin_get(addr, "/readyz").await?;
-    let (_, metrics) = admin_get(addr, "/metrics").await?;
-    let sample = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter(|l| l.split([' ', '{']).next() == Some(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    let per_signal = |name: &str, signal: Signal| -> f64 {
-        let label = format!("signal=\"{}\"", signal.as_str());
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(name) && l.contains(&label))
-            .filter(|l| {
-                !name.ends_with("received_items_total") || l.contains("outcome=\"accepted\"")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    let mut out = String::new();
-    out.push_str(&format!(
-        "telespool at {addr}: {}\n",
-        if ready == 200 {
-            "ready"
-        } else {
-            "NOT READY (starting or shutting down)"
+/// `telespool status`: the agent's `GetStatus` snapshot, as text for a
+/// person or (`json`) as JSON with the proto's field names.
+pub async fn status(addr: SocketAddr, json: bool) -> Result<String, CommandError> {
+    let snapshot = crate::admin::client::get_status(addr).await?;
+    match json {
+        true => {
+            let mut text = serde_json::to_string_pretty(&snapshot).map_err(CommandError::Json)?;
+            text.push('\n');
+            Ok(text)
         }
-    ));
-    for receiver in ["grpc", "http"] {
-        let on: Vec<String> = metrics
-            .lines()
-            .filter(|l| l.starts_with("telespool_listener_info{"))
-            .filter(|l| label_value(l, "receiver").as_deref() == Some(receiver))
-            .filter_map(|l| {
-                Some(format!(
-                    "{} {}",
-                    label_value(l, "transport")?,
-                    label_value(l, "address")?
-                ))
-            })
-            .collect();
-        let on = match on.is_empty() {
-            true => "disabled".to_owned(),
-            false => on.join(", "),
-        };
-        out.push_str(&format!("{receiver}: {on}\n"));
+        false => Ok(crate::status::text::render(&addr.to_string(), &snapshot)),
     }
-    out.push_str(&format!(
-        "upstream: {}\n",
-        if sample("telespool_upstream_up") >= 1.0 {
-            "up"
-        } else {
-            "failing (or no export yet)"
-        }
-    ));
-    out.push_str(&format!(
-        "buffer: {} bytes, {} items in memory\n",
-        sample("telespool_buffered_bytes"),
-        sample("telespool_buffered_items")
-    ));
-    out.push_str(&format!(
-        "spool: {} rows, {} bytes, oldest {}s old\n",
-        sample("telespool_spool_rows"),
-        sample("telespool_spool_bytes"),
-        sample("telespool_spool_oldest_age_seconds")
-    ));
-    out.push_str("signal    accepted   forwarded   spooled   dropped\n");
-    for s in Signal::ALL {
-        out.push_str(&format!(
-            "{:<8} {:>9} {:>11} {:>9} {:>9}\n",
-            s.as_str(),
-            per_signal("telespool_received_items_total", s),
-            per_signal("telespool_forwarded_items_total", s),
-            per_signal("telespool_spooled_items_total", s),
-            per_signal("telespool_dropped_items_total", s),
-        ));
-    }
-    Ok(out)
-}
-
-/// The value of label `name` in a Prometheus text sample line, unescaped.
-fn label_value(line: &str, name: &str) -> Option<String> {
-    let labels = &line[line.find('{')? + 1..];
-    let start = labels
-        .match_indices(&format!("{name}=\""))
-        .find(|(i, _)| *i == 0 || labels[..*i].ends_with(','))?
-        .0
-        + name.len()
-        + 2;
-    let mut value = String::new();
-    let mut chars = labels[start..].chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' => return Some(value),
-            '\\' => match chars.next()? {
-                'n' => value.push('\n'),
-                escaped => value.push(escaped),
-            },
-            c => value.push(c),
-        }
-    }
-    None
 }
 
 /// `telespool spool stats`.
@@ -252,22 +139,4 @@ pub fn spool_export(
         }
     }
     Ok(lines)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn label_values_are_read_by_name_and_unescaped() {
-        let line = r#"telespool_listener_info{receiver="grpc",transport="unix",address="/run/a \"b\"\\c.sock"} 1"#;
-        assert_eq!(label_value(line, "receiver").as_deref(), Some("grpc"));
-        assert_eq!(label_value(line, "transport").as_deref(), Some("unix"));
-        assert_eq!(
-            label_value(line, "address").as_deref(),
-            Some(r#"/run/a "b"\c.sock"#)
-        );
-        assert_eq!(label_value(line, "port"), None);
-        assert_eq!(label_value("telespool_up 1", "receiver"), None);
-    }
 }

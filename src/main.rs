@@ -11,6 +11,7 @@ use telespool::commands;
 use telespool::config::{Config, LogFormat, SyncMode};
 use telespool::reload::{Files, ReloadRequests};
 use telespool::spool::{Spool, SpoolOptions, Synchronous};
+use telespool::top;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -40,12 +41,22 @@ fn main() -> ExitCode {
             }
             run(config, Some(timeout))
         }
-        Command::Status => offline(|| {
+        Command::Status { json } => offline(|| {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let text = rt.block_on(commands::status(config.admin.listen))?;
+            let text = rt.block_on(commands::status(config.admin.listen, json))?;
             print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Top { once, interval } => offline(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            match once {
+                true => print!("{}", rt.block_on(top::once(config.admin.listen, interval))?),
+                false => rt.block_on(top::run(config.admin.listen, interval))?,
+            }
             Ok(ExitCode::SUCCESS)
         }),
         Command::Spool { command } => {

@@ -22,6 +22,8 @@ use prometheus_client::registry::Registry;
 
 use crate::signal::Signal;
 
+pub mod latency;
+
 type SignalLabel = [(&'static str, &'static str); 1];
 type SignalAnd = [(&'static str, &'static str); 2];
 /// receiver (grpc, http), transport (tcp, unix), address (ip:port or path).
@@ -47,6 +49,16 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    pub const ALL: [Refusal; 7] = [
+        Refusal::BufferFull,
+        Refusal::SpoolFull,
+        Refusal::ShuttingDown,
+        Refusal::Invalid,
+        Refusal::TooLarge,
+        Refusal::Timeout,
+        Refusal::Unauthenticated,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Refusal::BufferFull => "refused_buffer_full",
@@ -104,6 +116,8 @@ pub struct Metrics {
     pub forwarded_items: Family<SignalLabel, Counter>,
     pub exported_batches: Family<SignalAnd, Counter>,
     pub export_latency: Family<SignalLabel, Histogram>,
+    /// The same calls, all signals, in buckets the admin API can read.
+    pub export_latency_buckets: latency::LatencyBuckets,
     pub partial_rejected_items: Family<SignalLabel, Counter>,
     pub spooled_items: Family<SignalLabel, Counter>,
     pub replayed_items: Family<SignalLabel, Counter>,
@@ -125,7 +139,7 @@ pub struct Metrics {
     /// Items whose export was in flight when shutdown cut it: they are spooled
     /// and may reach upstream twice.
     pub duplicates_risked: AtomicU64,
-    /// 1 for every address the receivers serve on (`telespool status` lists them).
+    /// 1 for every address the receivers serve on.
     pub listener_info: Family<ListenerLabels, Gauge>,
 }
 
@@ -144,6 +158,7 @@ impl Metrics {
             export_latency: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.001, 2.0, 16))
             }),
+            export_latency_buckets: latency::LatencyBuckets::default(),
             partial_rejected_items: Family::default(),
             spooled_items: Family::default(),
             replayed_items: Family::default(),
@@ -302,6 +317,7 @@ impl Metrics {
         self.export_latency
             .get_or_create(&sig(signal))
             .observe(latency.as_secs_f64());
+        self.export_latency_buckets.observe(latency);
     }
 
     pub fn forwarded(&self, signal: Signal, items: u64, from_spool: bool) {

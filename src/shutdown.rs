@@ -192,6 +192,10 @@ pub async fn run(agent: Stages) -> Summary {
         .await;
     end_phase("readiness_off", &mut phases);
 
+    agent
+        .admin
+        .status
+        .set_phase(crate::status::Phase::DrainingRequests);
     // 2. Refuse new requests, close listeners, let in-flight requests finish.
     agent.receiver.stop_accepting();
     agent.close_listeners.cancel();
@@ -200,6 +204,7 @@ pub async fn run(agent: Stages) -> Summary {
     wait_until(agent.servers.wait(), flush_deadline, &agent).await;
     end_phase("drain_requests", &mut phases);
 
+    agent.admin.status.set_phase(crate::status::Phase::Flushing);
     // 3. Flush: seal open batches, close the queue, let workers drain it.
     agent.pipeline.close();
     agent.exporters.close();
@@ -210,6 +215,7 @@ pub async fn run(agent: Stages) -> Summary {
     wait_until(agent.exporters.wait(), flush_deadline, &agent).await;
     end_phase("flush", &mut phases);
 
+    agent.admin.status.set_phase(crate::status::Phase::Spooling);
     // 4. Spool whatever upstream has not acknowledged. From here on every
     // wait is bounded by the hard deadline; the first step it cuts is named
     // in the summary and makes the exit status 1.
@@ -258,6 +264,7 @@ pub async fn run(agent: Stages) -> Summary {
     }
     end_phase("spool", &mut phases);
 
+    agent.admin.status.set_phase(crate::status::Phase::Closing);
     // 5. Close the spool and report.
     let spool = agent.pipeline.spool().clone();
     let spool_rows_left = spool.stats_cached().rows;

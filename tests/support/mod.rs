@@ -10,6 +10,7 @@
 //! - [`http`]: a raw OTLP/HTTP client and the SDK's HTTP exporters.
 //! - [`held::Held`]: an HTTP/1 connection that holds a connection slot open.
 //! - [`tls`]: certificates made in the test, TLS clients that trust them.
+//! - [`admin`]: the admin API's generated tonic client, `get_status`, `watch`.
 //!
 //! Rules: loopback only, port 0, no fixed sleeps for readiness (poll with a
 //! deadline), every loop bounded in count and time.
@@ -17,6 +18,7 @@
 //! Use from a test file with `mod support;`. Each test binary uses a subset.
 #![allow(dead_code, unused_imports)]
 
+pub mod admin;
 pub mod agent;
 pub mod client;
 pub mod held;

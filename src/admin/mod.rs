@@ -1,5 +1,6 @@
-//! Admin HTTP listener: `/healthz` (liveness), `/readyz` (readiness) and
-//! `/metrics` (Prometheus text format).
+//! Admin listener: `/healthz` (liveness), `/readyz` (readiness),
+//! `/metrics` (Prometheus text format) and the gRPC admin API
+//! (`telespool.admin.v1.Admin`, see [`grpc`]), HTTP/1.1 and h2c on one port.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,8 +11,19 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::Pipeline;
+use crate::status::StatusSource;
+
+pub mod client;
+pub mod grpc;
+
+/// The messages and the client/server of `proto/telespool/admin/v1/admin.proto`.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("telespool.admin.v1");
+}
 
 /// What the admin endpoints read.
 pub struct AdminState {
@@ -20,14 +32,29 @@ pub struct AdminState {
     pub ready: AtomicBool,
     pub registry: Registry,
     pub pipeline: Arc<Pipeline>,
+    /// What the admin API's snapshots are read from.
+    pub status: StatusSource,
 }
 
-pub fn router(state: Arc<AdminState>) -> Router {
-    Router::new()
+impl AdminState {
+    /// The admin API's view of the agent now.
+    pub fn snapshot(&self, now: std::time::SystemTime) -> proto::Status {
+        self.status
+            .snapshot(self.ready.load(Ordering::Acquire), now)
+    }
+}
+
+/// The HTTP routes and the gRPC admin API; `stop` ends `Watch` streams.
+pub fn router(state: Arc<AdminState>, stop: CancellationToken) -> Router {
+    let api = grpc::AdminService::server(state.clone(), stop);
+    let http = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(state)
+        .with_state(state);
+    tonic::service::Routes::new(api)
+        .into_axum_router()
+        .merge(http)
 }
 
 async fn readyz(State(state): State<Arc<AdminState>>) -> Response {

@@ -1,0 +1,262 @@
+//! The agent's state as one admin-API `Status` snapshot (proto/telespool/admin/v1).
+//!
+//! A snapshot is read, never kept: counters from [`Metrics`], the memory
+//! budget from the pipeline, the spool's cached stats (no SQLite round trip),
+//! upstream health from the exporter, and the fixed parts (version, limits,
+//! listeners) captured once at start in [`StatusSource`]. Reading one takes a
+//! few mutexes for microseconds and allocates a few kilobytes, so watchers
+//! cannot slow the data path; [`crate::admin::grpc`] caps how often they read.
+//!
+//! No payload data is ever in a snapshot: counts, sizes, addresses, states and
+//! the last upstream error message only.
+
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use crate::admin::proto;
+use crate::batch::unix_ms;
+use crate::config::{Config, Durability, WhenFull};
+use crate::metrics::latency::{quantile_ms, BOUNDS_MS};
+use crate::metrics::{DropReason, Metrics, Refusal};
+use crate::pipeline::Pipeline;
+use crate::signal::Signal;
+
+pub use proto::Phase;
+
+pub mod text;
+
+/// What a snapshot is built from; one per agent, in [`crate::admin::AdminState`].
+pub struct StatusSource {
+    /// When the agent started serving: uptime is measured from here.
+    started: Instant,
+    /// A [`Phase`] as its proto number; written by the shutdown sequence.
+    phase: AtomicI32,
+    /// Every address the agent serves on, as bound at start.
+    listeners: Vec<proto::Listener>,
+    /// The parts of the config a snapshot reports.
+    fixed: Fixed,
+    metrics: Arc<Metrics>,
+    pipeline: Arc<Pipeline>,
+}
+
+/// Configured values that do not change while the agent runs.
+struct Fixed {
+    endpoint: Option<String>,
+    protocol: String,
+    concurrency: u32,
+    working_max_request_bytes: u64,
+    buffer_max_bytes: u64,
+    spool_path: String,
+    spool_max_bytes: u64,
+    when_full: &'static str,
+    durability: &'static str,
+}
+
+impl StatusSource {
+    pub fn new(
+        config: &Config,
+        listeners: Vec<proto::Listener>,
+        metrics: Arc<Metrics>,
+        pipeline: Arc<Pipeline>,
+    ) -> StatusSource {
+        let fixed = Fixed {
+            endpoint: config.upstream.endpoint.clone(),
+            // upstream.protocol and upstream.max_request_bytes are not config
+            // keys yet: gRPC is the only protocol, and no working limit is known.
+            protocol: "grpc".to_owned(),
+            concurrency: u32::try_from(config.upstream.concurrency).unwrap_or(u32::MAX),
+            working_max_request_bytes: 0,
+            buffer_max_bytes: config.buffer.max_bytes.0,
+            spool_path: config.spool.resolved_path().display().to_string(),
+            spool_max_bytes: config.spool.max_bytes.0,
+            when_full: match config.spool.when_full {
+                WhenFull::Backpressure => "backpressure",
+                WhenFull::DropOldest => "drop_oldest",
+            },
+            durability: match config.durability {
+                Durability::Memory => "memory",
+                Durability::Spool => "spool",
+            },
+        };
+        StatusSource {
+            started: Instant::now(),
+            phase: AtomicI32::new(Phase::Serving as i32),
+            listeners,
+            fixed,
+            metrics,
+            pipeline,
+        }
+    }
+
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as i32, Ordering::Release);
+    }
+
+    pub fn phase(&self) -> Phase {
+        Phase::try_from(self.phase.load(Ordering::Acquire)).unwrap_or(Phase::Unspecified)
+    }
+
+    /// The state now. `ready` is the /readyz flag; `now` the wall clock.
+    pub fn snapshot(&self, ready: bool, now: SystemTime) -> proto::Status {
+        let now_ms = unix_ms(now);
+        let m = &self.metrics;
+        let budget = self.pipeline.budget();
+        let spool = self.pipeline.spool().stats_cached();
+        let upstream = self.fixed.endpoint.as_ref().map(|endpoint| {
+            let health = self
+                .pipeline
+                .upstream()
+                .map(|u| u.health().snapshot())
+                .unwrap_or_default();
+            proto::Upstream {
+                endpoint: endpoint.clone(),
+                protocol: self.fixed.protocol.clone(),
+                up: health.up,
+                failing_since_unix_ms: health.failing_since.map(unix_ms).unwrap_or(0),
+                last_error: health.last_error.unwrap_or_default(),
+                consecutive_failures: health.consecutive_failures,
+                working_max_request_bytes: self.fixed.working_max_request_bytes,
+                concurrency: self.fixed.concurrency,
+            }
+        });
+        let counts = m.export_latency_buckets.counts();
+        proto::Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            taken_unix_ms: now_ms,
+            uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            ready,
+            phase: self.phase.load(Ordering::Acquire),
+            listeners: self.listeners.clone(),
+            upstream,
+            buffer: Some(proto::Buffer {
+                bytes: budget.used(),
+                max_bytes: self.fixed.buffer_max_bytes,
+                items: budget.items(),
+                max_items: 0,
+                queued_batches: self.pipeline.queued_batches() as u64,
+            }),
+            spool: Some(proto::Spool {
+                path: self.fixed.spool_path.clone(),
+                rows: spool.rows,
+                bytes: spool.bytes,
+                max_bytes: self.fixed.spool_max_bytes,
+                oldest_age_ms: spool
+                    .oldest_created_ms
+                    .map(|ms| u64::try_from(now_ms - ms).unwrap_or(0))
+                    .unwrap_or(0),
+                disk_full: false,
+                when_full: self.fixed.when_full.to_owned(),
+            }),
+            signals: Signal::ALL
+                .iter()
+                .map(|s| signal_totals(m, *s, budget.items_of(*s), spool.items[s.index()]))
+                .collect(),
+            export_latency: Some(proto::Latency {
+                count: counts.iter().sum(),
+                p50_ms: quantile_ms(&counts, 0.5),
+                p90_ms: quantile_ms(&counts, 0.9),
+                p99_ms: quantile_ms(&counts, 0.99),
+                bucket_bounds_ms: BOUNDS_MS.to_vec(),
+                bucket_counts: counts,
+            }),
+            resource_attributes: Vec::new(),
+            durability: self.fixed.durability.to_owned(),
+        }
+    }
+}
+
+/// One signal's counters, read without creating label sets (so /metrics
+/// does not grow zero series because someone asked for a status).
+fn signal_totals(m: &Metrics, s: Signal, buffered: u64, spooled_now: u64) -> proto::SignalTotals {
+    let name = s.as_str();
+    let read = |family: &prometheus_client::metrics::family::Family<
+        [(&'static str, &'static str); 2],
+        prometheus_client::metrics::counter::Counter,
+    >,
+                key: &'static str,
+                value: &'static str| {
+        family
+            .get(&[("signal", name), (key, value)])
+            .map_or(0, |c| c.get())
+    };
+    let one = |family: &prometheus_client::metrics::family::Family<
+        [(&'static str, &'static str); 1],
+        prometheus_client::metrics::counter::Counter,
+    >| family.get(&[("signal", name)]).map_or(0, |c| c.get());
+    proto::SignalTotals {
+        signal: name.to_owned(),
+        accepted_items_total: read(&m.received_items, "outcome", "accepted"),
+        refused_requests_total: Refusal::ALL
+            .iter()
+            .map(|r| proto::Count {
+                reason: r.as_str().to_owned(),
+                value: read(&m.received_requests, "outcome", r.as_str()),
+            })
+            .collect(),
+        forwarded_items_total: one(&m.forwarded_items),
+        spooled_items_total: one(&m.spooled_items),
+        replayed_items_total: one(&m.replayed_items),
+        dropped_items_total: DropReason::ALL
+            .iter()
+            .map(|r| proto::Count {
+                reason: r.as_str().to_owned(),
+                value: read(&m.dropped_items, "reason", r.as_str()),
+            })
+            .collect(),
+        buffered_items: buffered,
+        spooled_items: spooled_now,
+        spooled_at_start_items: m
+            .spooled_at_start
+            .get(&[("signal", name)])
+            .map_or(0, |g| u64::try_from(g.get()).unwrap_or(0)),
+    }
+}
+
+/// The listeners of `l` (and the admin listener) as the snapshot lists them.
+pub fn listeners_of(l: &crate::app::Listeners) -> Vec<proto::Listener> {
+    let tcp = |l: &Option<tokio::net::TcpListener>| {
+        l.as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.to_string())
+    };
+    let unix = |l: &Option<crate::receiver::unix_socket::UnixSocketListener>| {
+        l.as_ref().map(|l| l.path().display().to_string())
+    };
+    [
+        ("grpc", "tcp", tcp(&l.grpc)),
+        ("grpc", "unix", unix(&l.grpc_unix)),
+        ("http", "tcp", tcp(&l.http)),
+        ("http", "unix", unix(&l.http_unix)),
+        ("admin", "tcp", tcp(&l.admin)),
+    ]
+    .into_iter()
+    .filter_map(|(receiver, transport, address)| {
+        Some(proto::Listener {
+            receiver: receiver.to_owned(),
+            transport: transport.to_owned(),
+            address: address?,
+        })
+    })
+    .collect()
+}
+
+/// Helpers for `telespool status --json` (serde on the generated types).
+pub mod json {
+    /// The phase as its name (`"serving"`), not its proto number.
+    pub fn phase<S: serde::Serializer>(phase: &i32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(super::phase_name(*phase))
+    }
+}
+
+/// A short lower-case name for a phase number, as `status` prints it.
+pub fn phase_name(phase: i32) -> &'static str {
+    match Phase::try_from(phase) {
+        Ok(Phase::Serving) => "serving",
+        Ok(Phase::DrainingRequests) => "draining_requests",
+        Ok(Phase::Flushing) => "flushing",
+        Ok(Phase::Spooling) => "spooling",
+        Ok(Phase::Closing) => "closing",
+        Ok(Phase::Unspecified) | Err(_) => "unknown",
+    }
+}
