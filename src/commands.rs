@@ -104,6 +104,7 @@ pub async fn status(addr: SocketAddr) -> Result<String, CommandError> {
         };
         out.push_str(&format!("{receiver}: {on}\n"));
     }
+    out.push_str(&resource_line(&metrics));
     out.push_str(&format!(
         "upstream: {}\n",
         if sample("telespool_upstream_up") >= 1.0 {
@@ -135,6 +136,27 @@ pub async fn status(addr: SocketAddr) -> Result<String, CommandError> {
         ));
     }
     Ok(out)
+}
+
+/// `resource: k=v, ... (on_conflict keep)`, from `telespool_resource_attribute_info`.
+fn resource_line(metrics: &str) -> String {
+    let mut conflict = None;
+    let attributes: Vec<String> = metrics
+        .lines()
+        .filter(|l| l.starts_with("telespool_resource_attribute_info{"))
+        .filter_map(|l| {
+            conflict = label_value(l, "on_conflict");
+            Some(format!(
+                "{}={}",
+                label_value(l, "key")?,
+                label_value(l, "value")?
+            ))
+        })
+        .collect();
+    match conflict {
+        None => "resource: no attributes stamped\n".to_owned(),
+        Some(c) => format!("resource: {} (on_conflict {c})\n", attributes.join(", ")),
+    }
 }
 
 /// The value of label `name` in a Prometheus text sample line, unescaped.

@@ -1,7 +1,8 @@
 //! The files the agent reads besides its config, at start and again on SIGHUP.
 //!
 //! They are `receiver.auth.token_file`, the `[receiver.tls]` certificate, key
-//! and client CA, `upstream.headers_file` and the `[upstream.tls]` files.
+//! and client CA, `upstream.headers_file` and the `[upstream.tls]` files; and
+//! the host facts `[resource]` detects (hostname, machine id).
 //!
 //! - **At start** [`Files::load`] reads them all before the spool is opened
 //!   or a socket bound; any problem stops the start with an error naming the
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::exporter::{Upstream, UpstreamSetup};
 use crate::receiver::auth::Tokens;
+use crate::resource::{Stamping, StampingHandle};
 
 /// A value that a reload can replace; readers get the current one.
 #[derive(Debug)]
@@ -46,7 +48,7 @@ impl<T> Reloadable<T> {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn set(&self, value: T) {
+    pub(crate) fn set(&self, value: T) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(value);
     }
 }
@@ -72,6 +74,8 @@ pub struct Files {
     pub receiver_tls: Option<rustls::ServerConfig>,
     /// None: no `upstream.endpoint`.
     pub upstream: Option<UpstreamSetup>,
+    /// `[resource]` with its detected attributes; None: no `[resource]`.
+    pub resource: Option<Stamping>,
 }
 
 impl Files {
@@ -81,6 +85,7 @@ impl Files {
             tokens: load_tokens(config)?,
             receiver_tls: load_receiver_tls(config)?,
             upstream: load_upstream(config)?,
+            resource: config.resource.as_ref().map(Stamping::load),
         })
     }
 }
@@ -122,6 +127,8 @@ pub struct Reloader {
     pub tokens: Option<Reloadable<Tokens>>,
     pub receiver_tls: Option<Reloadable<rustls::ServerConfig>>,
     pub upstream: Option<Upstream>,
+    /// `[resource]`: detection runs again on every reload.
+    pub resource: Option<StampingHandle>,
 }
 
 /// One reload's files, read off the runtime; each group on its own.
@@ -129,6 +136,7 @@ struct Loaded {
     tokens: Option<Result<Tokens, String>>,
     receiver_tls: Option<Result<rustls::ServerConfig, String>>,
     upstream: Option<Result<UpstreamSetup, String>>,
+    resource: Option<Stamping>,
 }
 
 impl Reloader {
@@ -166,6 +174,11 @@ impl Reloader {
                 .upstream
                 .as_ref()
                 .and_then(|_| load_upstream(c).map_err(|e| e.to_string()).transpose()),
+            resource: self
+                .resource
+                .as_ref()
+                .and(c.resource.as_ref())
+                .map(Stamping::load),
         }
     }
 
@@ -192,6 +205,11 @@ impl Reloader {
                 "upstream TLS and headers",
                 result.map(|setup| upstream.reload(setup)),
             );
+        }
+        // Detection failures are logged by the load and only leave attributes out.
+        if let (Some(handle), Some(stamping)) = (&self.resource, loaded.resource) {
+            handle.set(stamping);
+            reloaded.push("resource attributes");
         }
         match (reloaded.is_empty(), kept.is_empty()) {
             (true, true) => tracing::info!(

@@ -66,13 +66,6 @@ pub enum StampError {
     TooLarge { size: u64, limit: u64 },
 }
 
-/// Too many attributes for one stamp (see [`MAX_ATTRIBUTES`]).
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{count} resource attributes; at most {MAX_ATTRIBUTES} can be stamped")]
-pub struct TooManyAttributes {
-    pub count: usize,
-}
-
 /// String attributes to stamp on every resource, encoded once.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stamp {
@@ -116,18 +109,12 @@ impl Plan {
 
 impl Stamp {
     /// A stamp of `attributes` (key, string value), in this order. Keys are
-    /// expected distinct and non-empty (the config checks that).
-    pub fn new(
-        attributes: &[(String, String)],
-        conflict: Conflict,
-    ) -> Result<Stamp, TooManyAttributes> {
-        if attributes.len() > MAX_ATTRIBUTES {
-            return Err(TooManyAttributes {
-                count: attributes.len(),
-            });
-        }
+    /// expected distinct and non-empty, and at most [`MAX_ATTRIBUTES`] (the
+    /// config checks all three); attributes beyond that are ignored.
+    pub fn new(attributes: &[(String, String)], conflict: Conflict) -> Stamp {
         let attrs = attributes
             .iter()
+            .take(MAX_ATTRIBUTES)
             .map(|(key, value)| {
                 let kv = key_value(key.as_bytes(), value.as_bytes());
                 let mut field = Vec::with_capacity(kv.len() + 6);
@@ -140,7 +127,7 @@ impl Stamp {
                 }
             })
             .collect();
-        Ok(Stamp { attrs, conflict })
+        Stamp { attrs, conflict }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -384,7 +371,7 @@ fn key_value(key: &[u8], value: &[u8]) -> Vec<u8> {
 }
 
 fn varint_len(v: u64) -> usize {
-    ((64 - (v | 1).leading_zeros() as usize) + 6) / 7
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
@@ -417,7 +404,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Stamp::new(&owned, conflict).expect("few attributes")
+        Stamp::new(&owned, conflict)
     }
 
     /// The model: decode, then add the attributes with the message types.
@@ -516,7 +503,7 @@ mod tests {
             for entry in &mut expected.resource_spans {
                 model(&mut entry.resource, &attrs, conflict);
             }
-            let stamp = Stamp::new(&attrs, conflict).expect("few attributes");
+            let stamp = Stamp::new(&attrs, conflict);
             check::<ExportTraceServiceRequest>(Signal::Traces, &request, &expected, &stamp)?;
         }
 
@@ -531,7 +518,7 @@ mod tests {
             for entry in &mut expected.resource_metrics {
                 model(&mut entry.resource, &attrs, conflict);
             }
-            let stamp = Stamp::new(&attrs, conflict).expect("few attributes");
+            let stamp = Stamp::new(&attrs, conflict);
             check::<ExportMetricsServiceRequest>(Signal::Metrics, &request, &expected, &stamp)?;
         }
 
@@ -546,7 +533,7 @@ mod tests {
             for entry in &mut expected.resource_logs {
                 model(&mut entry.resource, &attrs, conflict);
             }
-            let stamp = Stamp::new(&attrs, conflict).expect("few attributes");
+            let stamp = Stamp::new(&attrs, conflict);
             check::<ExportLogsServiceRequest>(Signal::Logs, &request, &expected, &stamp)?;
         }
 
