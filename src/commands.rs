@@ -138,10 +138,11 @@ pub async fn status(addr: SocketAddr) -> Result<String, CommandError> {
     Ok(out)
 }
 
-/// `resource: k=v, ... (on_conflict keep)`, from `telespool_resource_attribute_info`.
+/// `resource: k=v, ... (on_conflict keep)`, sorted by key, from
+/// `telespool_resource_attribute_info`.
 fn resource_line(metrics: &str) -> String {
     let mut conflict = None;
-    let attributes: Vec<String> = metrics
+    let mut attributes: Vec<String> = metrics
         .lines()
         .filter(|l| l.starts_with("telespool_resource_attribute_info{"))
         .filter_map(|l| {
@@ -153,6 +154,7 @@ fn resource_line(metrics: &str) -> String {
             ))
         })
         .collect();
+    attributes.sort();
     match conflict {
         None => "resource: no attributes stamped\n".to_owned(),
         Some(c) => format!("resource: {} (on_conflict {c})\n", attributes.join(", ")),
