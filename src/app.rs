@@ -205,7 +205,11 @@ pub async fn run(
             None
         }
     };
+    let stamping = files
+        .resource
+        .map(|s| crate::resource::StampingHandle::new(s, metrics.clone()));
     let reloader = Reloader {
+        resource: stamping.clone(),
         tokens: tokens_required.clone(),
         receiver_tls: receiver_tls.clone(),
         upstream: upstream.clone().filter(|_| config.upstream.reads_files()),
@@ -217,6 +221,7 @@ pub async fn run(
         metrics.clone(),
         config.receiver.max_request_bytes.0,
         config.receiver.body_timeout,
+        stamping.map(|s| s.current()),
     );
     let admin = Arc::new(AdminState {
         ready: AtomicBool::new(false),

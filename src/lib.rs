@@ -11,7 +11,7 @@
 //!
 //! `app` assembles the stages under one cancellation tree; `shutdown` owns the
 //! order of the stop sequence; `tls` and `reload` hold the files read at start
-//! and on SIGHUP.
+//! and on SIGHUP; `resource` the attributes the receiver stamps on arrival.
 //!
 //! # Layers
 //!
@@ -47,6 +47,7 @@ pub mod queue;
 pub mod receiver;
 pub mod reload;
 pub mod reloadable;
+pub mod resource;
 pub mod retry;
 pub mod shutdown;
 pub mod signal;

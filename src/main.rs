@@ -26,9 +26,16 @@ fn main() -> ExitCode {
         Command::CheckConfig => {
             print!("{}", config.to_toml());
             // The files it names too: what a start or a SIGHUP would read.
-            if let Err(e) = Files::load(&config) {
-                eprintln!("telespool: {e}");
-                return ExitCode::from(2);
+            match Files::load(&config) {
+                Err(e) => {
+                    eprintln!("telespool: {e}");
+                    return ExitCode::from(2);
+                }
+                Ok(files) => {
+                    if let Some(stamping) = files.resource {
+                        print!("{}", stamping.to_comment());
+                    }
+                }
             }
             eprintln!("telespool: configuration is valid");
             ExitCode::SUCCESS

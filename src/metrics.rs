@@ -141,6 +141,9 @@ pub struct Metrics {
     pub duplicates_risked: AtomicU64,
     /// 1 for every address the receivers serve on.
     pub listener_info: Family<ListenerLabels, Gauge>,
+    /// 1 for every resource attribute stamped on arrival (`telespool status`
+    /// lists them); labels key, value, on_conflict.
+    pub resource_attribute_info: Family<[(&'static str, String); 3], Gauge>,
 }
 
 fn sig(signal: Signal) -> SignalLabel {
@@ -175,6 +178,7 @@ impl Metrics {
             tls_handshake_failures: Family::default(),
             duplicates_risked: AtomicU64::new(0),
             listener_info: Family::default(),
+            resource_attribute_info: Family::default(),
         }
     }
 
@@ -279,6 +283,11 @@ impl Metrics {
             m.listener_info.clone(),
         );
         r.register(
+            "resource_attribute_info",
+            "1 for each resource attribute stamped on arrival, by key, value and on_conflict",
+            m.resource_attribute_info.clone(),
+        );
+        r.register(
             "tls_handshake_failures",
             "Failed TLS handshakes on the OTLP listeners, by listener and reason",
             m.tls_handshake_failures.clone(),
@@ -294,6 +303,19 @@ impl Metrics {
             ("address", address.to_owned()),
         ];
         self.listener_info.get_or_create(&labels).set(1);
+    }
+
+    /// Records the resource attributes now stamped, replacing the previous set.
+    pub fn resource_in_effect(&self, attributes: &[(String, String)], on_conflict: &'static str) {
+        self.resource_attribute_info.clear();
+        for (key, value) in attributes {
+            let labels = [
+                ("key", key.clone()),
+                ("value", value.clone()),
+                ("on_conflict", on_conflict.to_owned()),
+            ];
+            self.resource_attribute_info.get_or_create(&labels).set(1);
+        }
     }
 
     pub fn received(&self, signal: Signal, outcome: &'static str, items: u64, bytes: u64) {

@@ -1,7 +1,8 @@
 //! The files the agent reads besides its config, at start and again on SIGHUP.
 //!
 //! They are `receiver.auth.token_file`, the `[receiver.tls]` certificate, key
-//! and client CA, `upstream.headers_file` and the `[upstream.tls]` files.
+//! and client CA, `upstream.headers_file` and the `[upstream.tls]` files; and
+//! the host facts `[resource]` detects (hostname, machine id).
 //!
 //! - **At start** [`Files::load`] reads them all before the spool is opened
 //!   or a socket bound; any problem stops the start with an error naming the
@@ -27,6 +28,7 @@ use crate::exporter::{Upstream, UpstreamSetup};
 use crate::receiver::auth::{TokenFileError, Tokens};
 use crate::reloadable::Reloadable;
 use crate::tls::TlsError;
+use crate::resource::{Stamping, StampingHandle};
 
 /// Requests for a reload (SIGHUP), from `main`'s signal handler to the agent.
 /// A request made while a reload runs starts another one after it.
@@ -60,6 +62,8 @@ pub struct Files {
     pub receiver_tls: Option<rustls::ServerConfig>,
     /// None: no `upstream.endpoint`.
     pub upstream: Option<UpstreamSetup>,
+    /// `[resource]` with its detected attributes; None: no `[resource]`.
+    pub resource: Option<Stamping>,
 }
 
 impl Files {
@@ -69,6 +73,7 @@ impl Files {
             tokens: load_tokens(config)?,
             receiver_tls: load_receiver_tls(config)?,
             upstream: load_upstream(config)?,
+            resource: config.resource.as_ref().map(Stamping::load),
         })
     }
 }
@@ -110,6 +115,8 @@ pub struct Reloader {
     pub tokens: Option<Reloadable<Tokens>>,
     pub receiver_tls: Option<Reloadable<rustls::ServerConfig>>,
     pub upstream: Option<Upstream>,
+    /// `[resource]`: detection runs again on every reload.
+    pub resource: Option<StampingHandle>,
 }
 
 /// One reload's files, read off the runtime; each group on its own.
@@ -117,6 +124,7 @@ struct Loaded {
     tokens: Option<Result<Tokens, String>>,
     receiver_tls: Option<Result<rustls::ServerConfig, String>>,
     upstream: Option<Result<UpstreamSetup, String>>,
+    resource: Option<Stamping>,
 }
 
 impl Reloader {
@@ -154,6 +162,11 @@ impl Reloader {
                 .upstream
                 .as_ref()
                 .and_then(|_| load_upstream(c).map_err(|e| e.to_string()).transpose()),
+            resource: self
+                .resource
+                .as_ref()
+                .and(c.resource.as_ref())
+                .map(Stamping::load),
         }
     }
 
@@ -180,6 +193,11 @@ impl Reloader {
                 "upstream TLS and headers",
                 result.map(|setup| upstream.reload(setup)),
             );
+        }
+        // Detection failures are logged by the load and only leave attributes out.
+        if let (Some(handle), Some(stamping)) = (&self.resource, loaded.resource) {
+            handle.set(stamping);
+            reloaded.push("resource attributes");
         }
         match (reloaded.is_empty(), kept.is_empty()) {
             (true, true) => tracing::info!(

@@ -34,6 +34,8 @@
 //! end of its message) point at the field's tag; errors in a varint itself
 //! (truncated, too long) point at the varint's first byte.
 
+pub mod stamp;
+
 use crate::signal::Signal;
 
 /// What one request holds.
@@ -481,7 +483,7 @@ mod tests {
 
     // ---- building requests with the real message types ----
 
-    fn kv(key: &str, value: &str) -> KeyValue {
+    pub(super) fn kv(key: &str, value: &str) -> KeyValue {
         KeyValue {
             key: key.to_owned(),
             value: Some(AnyValue {
@@ -1050,7 +1052,7 @@ mod tests {
         vec((attributes(), vec(vec(item, 0..4), 0..3)), 0..4)
     }
 
-    fn traces() -> impl Strategy<Value = ExportTraceServiceRequest> {
+    pub(super) fn traces() -> impl Strategy<Value = ExportTraceServiceRequest> {
         shape(attributes()).prop_map(|resources| ExportTraceServiceRequest {
             resource_spans: resources
                 .into_iter()
@@ -1070,7 +1072,7 @@ mod tests {
         })
     }
 
-    fn metrics() -> impl Strategy<Value = ExportMetricsServiceRequest> {
+    pub(super) fn metrics() -> impl Strategy<Value = ExportMetricsServiceRequest> {
         shape((0..5u8, 0..4usize, attributes())).prop_map(|resources| ExportMetricsServiceRequest {
             resource_metrics: resources
                 .into_iter()
@@ -1093,7 +1095,7 @@ mod tests {
         })
     }
 
-    fn logs() -> impl Strategy<Value = ExportLogsServiceRequest> {
+    pub(super) fn logs() -> impl Strategy<Value = ExportLogsServiceRequest> {
         shape(attributes()).prop_map(|resources| ExportLogsServiceRequest {
             resource_logs: resources
                 .into_iter()

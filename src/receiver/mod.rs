@@ -1,7 +1,8 @@
 //! Receivers: OTLP/gRPC (and OTLP/HTTP) in, one shared ingest path.
 //!
 //! Both protocols end in [`Receiver::accept`]: size check, the wire walk that
-//! validates and counts, then the pipeline. [`IngestError`] is mapped to a gRPC
+//! validates and counts, the `[resource]` stamp ([`crate::resource`]), then
+//! the pipeline. [`IngestError`] is mapped to a gRPC
 //! status in exactly one place ([`IngestError::to_status`]) and to an HTTP
 //! status right beside it ([`IngestError::to_http`]).
 
@@ -21,7 +22,10 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::metrics::{Metrics, Refusal};
 use crate::pipeline::{Pipeline, Refused};
+use crate::reload::Reloadable;
+use crate::resource::Stamping;
 use crate::signal::Signal;
+use crate::wire::stamp::StampError;
 use crate::wire::{self, WireError};
 use otlp_json::JsonError;
 
@@ -64,6 +68,10 @@ pub enum IngestError {
     /// Durable mode: the spool has no room (or cannot be written); retry later.
     #[error("telespool spool is full; retry after {retry_after:?}")]
     SpoolFull { retry_after: Duration },
+    /// `[resource]` attributes could not be stamped: a malformed resource
+    /// attribute, or a stamped body too large; the client must fix the request.
+    #[error(transparent)]
+    Stamp(#[from] StampError),
 }
 
 /// Delay suggested to clients refused during shutdown: about one restart.
@@ -90,6 +98,12 @@ impl IngestError {
             IngestError::ShuttingDown => retryable(msg, SHUTDOWN_RETRY_AFTER),
             IngestError::BodyTimeout(_) => tonic::Status::new(Code::DeadlineExceeded, msg),
             IngestError::Unauthenticated => tonic::Status::new(Code::Unauthenticated, msg),
+            IngestError::Stamp(StampError::Malformed(_)) => {
+                tonic::Status::new(Code::InvalidArgument, msg)
+            }
+            IngestError::Stamp(StampError::TooLarge { .. }) => {
+                tonic::Status::new(Code::ResourceExhausted, msg)
+            }
         }
     }
 
@@ -115,6 +129,8 @@ impl IngestError {
             }
             IngestError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             IngestError::Unauthenticated => StatusCode::UNAUTHORIZED,
+            IngestError::Stamp(StampError::Malformed(_)) => StatusCode::BAD_REQUEST,
+            IngestError::Stamp(StampError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -142,6 +158,8 @@ impl IngestError {
             IngestError::SpoolFull { .. } => Refusal::SpoolFull,
             IngestError::BodyTimeout(_) => Refusal::Timeout,
             IngestError::Unauthenticated => Refusal::Unauthenticated,
+            IngestError::Stamp(StampError::Malformed(_)) => Refusal::Invalid,
+            IngestError::Stamp(StampError::TooLarge { .. }) => Refusal::TooLarge,
         }
     }
 }
@@ -161,6 +179,9 @@ pub struct Receiver {
     max_request_bytes: u64,
     /// `receiver.body_timeout`: deadline for reading one request body.
     body_timeout: Duration,
+    /// `[resource]`: attributes stamped on every accepted request. None: no
+    /// `[resource]` table, and the request path does not look at resources.
+    resource: Option<Reloadable<Stamping>>,
 }
 
 impl Receiver {
@@ -169,12 +190,14 @@ impl Receiver {
         metrics: Arc<Metrics>,
         max_request_bytes: u64,
         body_timeout: Duration,
+        resource: Option<Reloadable<Stamping>>,
     ) -> Arc<Receiver> {
         Arc::new(Receiver {
             pipeline,
             metrics,
             max_request_bytes,
             body_timeout,
+            resource,
         })
     }
 
@@ -236,6 +259,15 @@ impl Receiver {
             // Nothing to forward (empty request, or resources without items).
             return Ok(0);
         }
+        // Stamped once, here, so the budget, batches and spool see the result.
+        let body = match &self.resource {
+            None => body,
+            Some(stamping) => {
+                let limit = usize::try_from(self.max_request_bytes.saturating_mul(2));
+                let limit = limit.unwrap_or(usize::MAX);
+                stamping.get().stamp.apply(signal, &body, limit)?
+            }
+        };
         self.pipeline
             .ingest(signal, body, counts.items)
             .await

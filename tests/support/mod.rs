@@ -2,6 +2,7 @@
 //!
 //! - [`ids`]: requests whose items carry unique `u64` ids, and `ids_in` to
 //!   read them back; "nothing lost" is equality of id sets.
+//! - [`resources`]: resource entries as upstream saw them (attributes, ids).
 //! - [`upstream::Upstream`]: an in-process OTLP/gRPC upstream that records
 //!   ids and can fail, stall, go down and come back on the same port.
 //! - [`client`]: `send`, `send_raw` and the background [`client::Sender`].
@@ -24,6 +25,7 @@ pub mod client;
 pub mod held;
 pub mod http;
 pub mod ids;
+pub mod resources;
 pub mod sdk;
 pub mod tls;
 pub mod upstream;

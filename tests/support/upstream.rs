@@ -11,7 +11,8 @@
 //! handler (answered OK or not); `received_ids(signal)` holds the ids of the
 //! requests answered OK (including partial success), duplicates kept, in
 //! arrival order. A request that is refused, stalled then cut, or poisoned
-//! contributes no ids.
+//! contributes no ids. `received_entries(signal)` holds the resource entries
+//! of the same requests (attributes and ids), to check what the agent stamped.
 
 use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
@@ -53,7 +54,7 @@ use tonic::transport::{Server, ServerTlsConfig};
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use super::ids::HasIds;
+use super::resources::{ids_of, HasEntries, SeenEntry};
 use super::Signal;
 
 /// Largest request the upstream decodes.
@@ -96,6 +97,8 @@ struct PerSignal {
     received: Vec<u64>,
     /// Items per request answered OK, in order.
     accepted_sizes: Vec<usize>,
+    /// Resource entries of the requests answered OK, in order.
+    entries: Vec<SeenEntry>,
     requests: usize,
     refused: usize,
 }
@@ -140,7 +143,13 @@ struct Service {
 }
 
 impl Service {
-    async fn handle(&self, signal: Signal, metadata: MetadataMap, ids: Vec<u64>) -> Answer {
+    async fn handle(
+        &self,
+        signal: Signal,
+        metadata: MetadataMap,
+        mut entries: Vec<SeenEntry>,
+    ) -> Answer {
+        let ids = ids_of(&entries);
         {
             let mut st = self.shared.lock();
             st.signals[signal.index()].requests += 1;
@@ -200,6 +209,7 @@ impl Service {
                         Ok(_) => {
                             per.accepted_sizes.push(ids.len());
                             per.received.extend_from_slice(&ids);
+                            per.entries.append(&mut entries);
                         }
                         Err(_) => per.refused += 1,
                     }
@@ -229,7 +239,9 @@ impl TraceService for Service {
         request: Request<ExportTraceServiceRequest>,
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
         let (metadata, _, message) = request.into_parts();
-        let partial = self.handle(Signal::Traces, metadata, message.ids()).await?;
+        let partial = self
+            .handle(Signal::Traces, metadata, message.into_entries())
+            .await?;
         Ok(Response::new(ExportTraceServiceResponse {
             partial_success: partial.map(|(rejected_spans, error_message)| {
                 ExportTracePartialSuccess {
@@ -249,7 +261,7 @@ impl MetricsService for Service {
     ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
         let (metadata, _, message) = request.into_parts();
         let partial = self
-            .handle(Signal::Metrics, metadata, message.ids())
+            .handle(Signal::Metrics, metadata, message.into_entries())
             .await?;
         Ok(Response::new(ExportMetricsServiceResponse {
             partial_success: partial.map(|(rejected_data_points, error_message)| {
@@ -269,7 +281,9 @@ impl LogsService for Service {
         request: Request<ExportLogsServiceRequest>,
     ) -> Result<Response<ExportLogsServiceResponse>, Status> {
         let (metadata, _, message) = request.into_parts();
-        let partial = self.handle(Signal::Logs, metadata, message.ids()).await?;
+        let partial = self
+            .handle(Signal::Logs, metadata, message.into_entries())
+            .await?;
         Ok(Response::new(ExportLogsServiceResponse {
             partial_success: partial.map(|(rejected_log_records, error_message)| {
                 ExportLogsPartialSuccess {
@@ -564,6 +578,11 @@ impl Upstream {
     }
 
     /// Export calls that reached the handler, whatever the answer.
+    /// Resource entries of the requests answered OK, in arrival order.
+    pub fn received_entries(&self, signal: Signal) -> Vec<SeenEntry> {
+        self.shared.lock().signals[signal.index()].entries.clone()
+    }
+
     pub fn requests(&self, signal: Signal) -> usize {
         self.shared.lock().signals[signal.index()].requests
     }
