@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use crate::config::{OnConflict, ResourceConfig};
 use crate::metrics::Metrics;
-use crate::reload::Reloadable;
+use crate::reloadable::Reloadable;
 use crate::wire::stamp::{Conflict, Stamp};
 use detect::{DetectError, Sources};
 

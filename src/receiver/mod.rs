@@ -22,7 +22,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::metrics::{Metrics, Refusal};
 use crate::pipeline::{Pipeline, Refused};
-use crate::reload::Reloadable;
+use crate::reloadable::Reloadable;
 use crate::resource::Stamping;
 use crate::signal::Signal;
 use crate::wire::stamp::StampError;
