@@ -26,7 +26,7 @@
 //! lifecycle  shutdown reload systemd commands cli
 //! edges      receiver admin
 //! pipeline   pipeline
-//! stages     batch queue spool durable exporter
+//! stages     batch queue spool durable exporter resource
 //! leaves     signal config reloadable task activation retry wire metrics tls buffer
 //! ```
 #![forbid(unsafe_code)]

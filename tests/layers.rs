@@ -51,8 +51,15 @@ fn module_of(file: &Path) -> Option<String> {
     (name != "lib" && name != "main").then_some(name)
 }
 
-/// Every `crate::name` a file mentions (in `use` lines and paths alike).
+/// Every `crate::name` a file mentions in code (in `use` lines and paths
+/// alike); comments, doc links among them, are not imports.
 fn imports(text: &str) -> BTreeSet<String> {
+    let code: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let text = code.as_str();
     let mut found = BTreeSet::new();
     for (i, _) in text.match_indices("crate::") {
         let before = text[..i].chars().next_back();
@@ -157,8 +164,8 @@ fn module_imports_have_no_cycle() {
 
 #[test]
 fn the_import_scan_sees_paths_and_use_lines() {
-    let text = "use crate::config::Config;\nlet x = crate::metrics::Metrics::new();\n$crate::nope";
+    let text = "use crate::config::Config;\nlet x = crate::metrics::Metrics::new();\n$crate::nope\n/// see [`crate::app::run`]";
     let found = imports(text);
     assert!(found.contains("config") && found.contains("metrics"));
-    assert!(!found.contains("nope"));
+    assert!(!found.contains("nope") && !found.contains("app"));
 }
