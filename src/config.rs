@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub mod env;
+
 /// The whole agent configuration, as read from `telespool.toml`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -638,6 +640,14 @@ pub struct SpoolConfig {
     /// SQLite `synchronous`: "normal" survives a process kill, "full" also a
     /// power loss (an fsync per commit).
     pub synchronous: SyncMode,
+    /// Rows older than this are deleted instead of replayed (counted as
+    /// dropped, reason spool_expired). None: no age limit.
+    #[serde(
+        default,
+        with = "duration_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_age: Option<Duration>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -655,6 +665,7 @@ impl Default for SpoolConfig {
             max_bytes: ByteSize(1 << 30),
             when_full: WhenFull::Backpressure,
             synchronous: SyncMode::Normal,
+            max_age: None,
         }
     }
 }
@@ -778,6 +789,13 @@ pub enum ConfigError {
     /// A flag or environment variable has a bad value.
     #[error("invalid value for {key}: {message}")]
     Override { key: String, message: String },
+    /// A `TELESPOOL_*` environment variable names no config key.
+    #[error("unknown environment variable {var}: it names no config key; did you mean {closest_var} ({closest_key})?")]
+    UnknownEnv {
+        var: String,
+        closest_var: String,
+        closest_key: String,
+    },
     /// Values that are each valid but do not fit together.
     #[error("invalid config: {0}")]
     Invalid(String),
@@ -894,6 +912,9 @@ impl Config {
                 ));
             }
         }
+        if self.spool.max_age.is_some_and(|age| age.is_zero()) {
+            return bad("spool.max_age must be above 0s (leave it out for no limit)".into());
+        }
         if self.spool.max_bytes.0 < 64 * 1024 {
             return bad("spool.max_bytes must be at least 64KiB".into());
         }
@@ -1008,6 +1029,29 @@ pub mod duration {
 
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+/// Serde adapter for optional durations (`"7d"`, or the key left out).
+pub mod duration_opt {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        match Option::<String>::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a duration string such as \"24h\" or \"7d\"")
+        })? {
+            Some(s) => parse_duration(&s)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+            None => Ok(None),
+        }
+    }
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
     }
 }
 
