@@ -85,6 +85,7 @@ pub enum SpoolCommand {
     },
     /// Delete every spooled batch (the data is lost). Requires --yes.
     Purge {
+        /// Confirm that every spooled batch is to be deleted.
         #[arg(long)]
         yes: bool,
     },

@@ -78,6 +78,8 @@ pub fn command_page() -> io::Result<String> {
         .manual("User Commands");
     let mut out = Vec::new();
     man.render_title(&mut out)?;
+    // No hyphenation: flags, keys and variables stay whole (and searchable).
+    writeln!(out, ".nh\n.ad l")?;
     man.render_name_section(&mut out)?;
     man.render_synopsis_section(&mut out)?;
     writeln!(

@@ -73,15 +73,18 @@ pub enum DropReason {
     ShutdownTimeout,
     /// Writing to the spool failed for another reason.
     SpoolError,
+    /// A spooled batch was older than `spool.max_age`.
+    SpoolExpired,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::Rejected,
         DropReason::SpoolFull,
         DropReason::SpoolEvicted,
         DropReason::ShutdownTimeout,
         DropReason::SpoolError,
+        DropReason::SpoolExpired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -91,6 +94,7 @@ impl DropReason {
             DropReason::SpoolEvicted => "spool_evicted",
             DropReason::ShutdownTimeout => "shutdown_timeout",
             DropReason::SpoolError => "spool_error",
+            DropReason::SpoolExpired => "spool_expired",
         }
     }
 }
