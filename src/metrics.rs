@@ -131,6 +131,12 @@ pub struct Metrics {
     pub duplicates_risked: AtomicU64,
     /// 1 for every address the receivers serve on (`telespool status` lists them).
     pub listener_info: Family<ListenerLabels, Gauge>,
+    /// `buffer.max_bytes` and `spool.max_bytes`, so dashboards and alerts
+    /// can show fill ratios; set by [`Metrics::started`].
+    pub buffer_max_bytes: Gauge,
+    pub spool_max_bytes: Gauge,
+    /// Unix time the agent started (alerts on a restart with a backlog).
+    pub start_time_seconds: Gauge,
 }
 
 fn sig(signal: Signal) -> SignalLabel {
@@ -164,6 +170,54 @@ impl Metrics {
             tls_handshake_failures: Family::default(),
             duplicates_risked: AtomicU64::new(0),
             listener_info: Family::default(),
+            buffer_max_bytes: Gauge::default(),
+            spool_max_bytes: Gauge::default(),
+            start_time_seconds: Gauge::default(),
+        }
+    }
+
+    /// At start: the limits and the start time, and every per-signal series
+    /// an alert or the shipped dashboard reads created at 0, so that
+    /// `increase()` and `rate()` see the first drop or refusal rather than
+    /// a series that appears already at its first value.
+    pub fn started(&self, buffer_max_bytes: u64, spool_max_bytes: u64, now_unix_s: i64) {
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.buffer_max_bytes.set(gauge(buffer_max_bytes));
+        self.spool_max_bytes.set(gauge(spool_max_bytes));
+        self.start_time_seconds.set(now_unix_s);
+        for signal in Signal::ALL {
+            let s = signal.as_str();
+            for outcome in [
+                "accepted",
+                Refusal::BufferFull.as_str(),
+                Refusal::SpoolFull.as_str(),
+                Refusal::ShuttingDown.as_str(),
+            ] {
+                drop(
+                    self.received_requests
+                        .get_or_create(&[("signal", s), ("outcome", outcome)]),
+                );
+                drop(
+                    self.received_items
+                        .get_or_create(&[("signal", s), ("outcome", outcome)]),
+                );
+            }
+            for reason in DropReason::ALL {
+                drop(
+                    self.dropped_items
+                        .get_or_create(&[("signal", s), ("reason", reason.as_str())]),
+                );
+            }
+            for family in [
+                &self.forwarded_items,
+                &self.spooled_items,
+                &self.replayed_items,
+            ] {
+                drop(family.get_or_create(&sig(signal)));
+            }
+            drop(self.buffered_items.get_or_create(&sig(signal)));
+            drop(self.spool_items.get_or_create(&sig(signal)));
+            drop(self.export_latency.get_or_create(&sig(signal)));
         }
     }
 
@@ -266,6 +320,21 @@ impl Metrics {
             "listener_info",
             "1 for each address a receiver serves on, by receiver, transport and address",
             m.listener_info.clone(),
+        );
+        r.register(
+            "buffer_max_bytes",
+            "buffer.max_bytes: the bound of buffered_bytes",
+            m.buffer_max_bytes.clone(),
+        );
+        r.register(
+            "spool_max_bytes",
+            "spool.max_bytes: the bound of the spool file (spool_bytes counts payload only)",
+            m.spool_max_bytes.clone(),
+        );
+        r.register(
+            "start_time_seconds",
+            "Unix time the agent started",
+            m.start_time_seconds.clone(),
         );
         r.register(
             "tls_handshake_failures",
