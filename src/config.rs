@@ -4,8 +4,9 @@
 //! Unknown keys and bad values are errors that name the key and the line
 //! (`toml`'s span-carrying errors do the line/column part). Durations are strings
 //! such as `"200ms"` or `"10s"`; sizes are strings such as `"64MiB"` or plain
-//! integers (bytes). Precedence: flag, environment, file, default; the flag and
-//! environment overlay lives in `cli.rs`.
+//! integers (bytes). Precedence: flag, environment, file, default; the
+//! environment layer (every key as `TELESPOOL_<TABLE>_<KEY>`) is `config/env.rs`,
+//! the flags are in `cli.rs`.
 
 use std::collections::BTreeMap;
 use std::fmt;
