@@ -487,3 +487,28 @@ async fn spooled_rows_older_than_max_age_are_dropped_and_counted_and_younger_one
         "agent did not exit"
     );
 }
+
+/// The operator: a systemd drop-in sets `TELESPOOL_DURABILITY=spool`
+/// and expects a SIGKILL to lose nothing acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durability_set_by_environment_variable_makes_a_sigkill_lose_nothing() {
+    let upstream = Upstream::start_with(support::Mode::Stall).await;
+    let mut agent = ok(AgentProcess::builder()
+        .upstream(&upstream.endpoint())
+        .env("TELESPOOL_DURABILITY", "spool")
+        .start()
+        .await);
+    let client = support::client::Client::new(agent.grpc_addr());
+    let mut acknowledged = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let ids = fresh_ids(10);
+        ok(client.export(Signal::Logs, &ids).await);
+        acknowledged.extend(ids);
+    }
+    agent.kill();
+    upstream.set_mode(support::Mode::Healthy);
+    ok(agent.restart().await);
+    ok(upstream
+        .wait_for_ids(Signal::Logs, &acknowledged, DEADLINE)
+        .await);
+}
