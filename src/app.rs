@@ -191,6 +191,8 @@ pub async fn run(
     for signal in Signal::ALL {
         metrics.set_spooled_at_start(signal, opened.stats.items[signal.index()]);
     }
+    let now_s = crate::batch::unix_ms(std::time::SystemTime::now()) / 1000;
+    metrics.started(config.buffer.max_bytes.0, config.spool.max_bytes.0, now_s);
     let upstream = match (&config.upstream.endpoint, files.upstream) {
         (Some(endpoint), Some(setup)) => Some(Upstream::new(&config.upstream, endpoint, setup)),
         // `files` was loaded from another config: read the upstream's files now.

@@ -4,8 +4,9 @@
 //! Unknown keys and bad values are errors that name the key and the line
 //! (`toml`'s span-carrying errors do the line/column part). Durations are strings
 //! such as `"200ms"` or `"10s"`; sizes are strings such as `"64MiB"` or plain
-//! integers (bytes). Precedence: flag, environment, file, default; the flag and
-//! environment overlay lives in `cli.rs`.
+//! integers (bytes). Precedence: flag, environment, file, default; the
+//! environment layer (every key as `TELESPOOL_<TABLE>_<KEY>`) is `config/env.rs`,
+//! the flags are in `cli.rs`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub mod env;
 
 /// The whole agent configuration, as read from `telespool.toml`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -641,6 +644,14 @@ pub struct SpoolConfig {
     /// SQLite `synchronous`: "normal" survives a process kill, "full" also a
     /// power loss (an fsync per commit).
     pub synchronous: SyncMode,
+    /// Rows older than this are deleted instead of replayed (counted as
+    /// dropped, reason spool_expired). None: no age limit.
+    #[serde(
+        default,
+        with = "duration_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_age: Option<Duration>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -658,6 +669,7 @@ impl Default for SpoolConfig {
             max_bytes: ByteSize(1 << 30),
             when_full: WhenFull::Backpressure,
             synchronous: SyncMode::Normal,
+            max_age: None,
         }
     }
 }
@@ -882,6 +894,13 @@ pub enum ConfigError {
     /// A flag or environment variable has a bad value.
     #[error("invalid value for {key}: {message}")]
     Override { key: String, message: String },
+    /// A `TELESPOOL_*` environment variable names no config key.
+    #[error("unknown environment variable {var}: it names no config key; did you mean {closest_var} ({closest_key})?")]
+    UnknownEnv {
+        var: String,
+        closest_var: String,
+        closest_key: String,
+    },
     /// Values that are each valid but do not fit together.
     #[error("invalid config: {0}")]
     Invalid(String),
@@ -997,6 +1016,9 @@ impl Config {
                      each receiver needs its own socket"
                 ));
             }
+        }
+        if self.spool.max_age.is_some_and(|age| age.is_zero()) {
+            return bad("spool.max_age must be above 0s (leave it out for no limit)".into());
         }
         if self.spool.max_bytes.0 < 64 * 1024 {
             return bad("spool.max_bytes must be at least 64KiB".into());
@@ -1115,6 +1137,29 @@ pub mod duration {
 
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+/// Serde adapter for optional durations (`"7d"`, or the key left out).
+pub mod duration_opt {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        match Option::<String>::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a duration string such as \"24h\" or \"7d\"")
+        })? {
+            Some(s) => parse_duration(&s)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+            None => Ok(None),
+        }
+    }
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
     }
 }
 

@@ -41,6 +41,7 @@ pub mod commands;
 pub mod config;
 pub mod durable;
 pub mod exporter;
+pub mod manual;
 pub mod metrics;
 pub mod pipeline;
 pub mod queue;

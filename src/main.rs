@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use telespool::app::{self, Listeners, ShutdownTokens};
-use telespool::cli::{Cli, Command, SpoolCommand};
+use telespool::cli::{Cli, Command, Generated, SpoolCommand};
 use telespool::commands;
 use telespool::config::{Config, LogFormat, SyncMode};
 use telespool::reload::{Files, ReloadRequests};
@@ -15,16 +15,39 @@ use telespool::top;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match cli.overrides.load() {
-        Ok(config) => config,
+    if let Some(Command::Generate { what, dir }) = &cli.command {
+        let written = match what {
+            Generated::Man => telespool::manual::write_man(dir),
+            Generated::Completions => telespool::manual::write_completions(dir),
+        };
+        return match written {
+            Ok(files) => {
+                for file in files {
+                    println!("{}", file.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("telespool: cannot write into {}: {e}", dir.display());
+                ExitCode::from(2)
+            }
+        };
+    }
+    let layered = match cli.overrides.load_layered(std::env::vars_os()) {
+        Ok(layered) => layered,
         Err(e) => {
             eprintln!("telespool: {e}");
             return ExitCode::from(2);
         }
     };
+    let config = layered.config;
     match cli.command.unwrap_or(Command::Run) {
-        Command::CheckConfig => {
-            print!("{}", config.to_toml());
+        Command::Generate { .. } => ExitCode::SUCCESS,
+        Command::CheckConfig { show_origin } => {
+            match show_origin {
+                true => print!("{}", layered.origins.render(&config)),
+                false => print!("{}", config.to_toml()),
+            }
             // The files it names too: what a start or a SIGHUP would read.
             match Files::load(&config) {
                 Err(e) => {

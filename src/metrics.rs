@@ -85,15 +85,18 @@ pub enum DropReason {
     ShutdownTimeout,
     /// Writing to the spool failed for another reason.
     SpoolError,
+    /// A spooled batch was older than `spool.max_age`.
+    SpoolExpired,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::Rejected,
         DropReason::SpoolFull,
         DropReason::SpoolEvicted,
         DropReason::ShutdownTimeout,
         DropReason::SpoolError,
+        DropReason::SpoolExpired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -103,6 +106,7 @@ impl DropReason {
             DropReason::SpoolEvicted => "spool_evicted",
             DropReason::ShutdownTimeout => "shutdown_timeout",
             DropReason::SpoolError => "spool_error",
+            DropReason::SpoolExpired => "spool_expired",
         }
     }
 }
@@ -144,6 +148,12 @@ pub struct Metrics {
     /// 1 for every resource attribute stamped on arrival (`telespool status`
     /// lists them); labels key, value, on_conflict.
     pub resource_attribute_info: Family<[(&'static str, String); 3], Gauge>,
+    /// `buffer.max_bytes` and `spool.max_bytes`, so dashboards and alerts
+    /// can show fill ratios; set by [`Metrics::started`].
+    pub buffer_max_bytes: Gauge,
+    pub spool_max_bytes: Gauge,
+    /// Unix time the agent started (alerts on a restart with a backlog).
+    pub start_time_seconds: Gauge,
 }
 
 fn sig(signal: Signal) -> SignalLabel {
@@ -179,6 +189,54 @@ impl Metrics {
             duplicates_risked: AtomicU64::new(0),
             listener_info: Family::default(),
             resource_attribute_info: Family::default(),
+            buffer_max_bytes: Gauge::default(),
+            spool_max_bytes: Gauge::default(),
+            start_time_seconds: Gauge::default(),
+        }
+    }
+
+    /// At start: the limits and the start time, and every per-signal series
+    /// an alert or the shipped dashboard reads created at 0, so that
+    /// `increase()` and `rate()` see the first drop or refusal rather than
+    /// a series that appears already at its first value.
+    pub fn started(&self, buffer_max_bytes: u64, spool_max_bytes: u64, now_unix_s: i64) {
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.buffer_max_bytes.set(gauge(buffer_max_bytes));
+        self.spool_max_bytes.set(gauge(spool_max_bytes));
+        self.start_time_seconds.set(now_unix_s);
+        for signal in Signal::ALL {
+            let s = signal.as_str();
+            for outcome in [
+                "accepted",
+                Refusal::BufferFull.as_str(),
+                Refusal::SpoolFull.as_str(),
+                Refusal::ShuttingDown.as_str(),
+            ] {
+                drop(
+                    self.received_requests
+                        .get_or_create(&[("signal", s), ("outcome", outcome)]),
+                );
+                drop(
+                    self.received_items
+                        .get_or_create(&[("signal", s), ("outcome", outcome)]),
+                );
+            }
+            for reason in DropReason::ALL {
+                drop(
+                    self.dropped_items
+                        .get_or_create(&[("signal", s), ("reason", reason.as_str())]),
+                );
+            }
+            for family in [
+                &self.forwarded_items,
+                &self.spooled_items,
+                &self.replayed_items,
+            ] {
+                drop(family.get_or_create(&sig(signal)));
+            }
+            drop(self.buffered_items.get_or_create(&sig(signal)));
+            drop(self.spool_items.get_or_create(&sig(signal)));
+            drop(self.export_latency.get_or_create(&sig(signal)));
         }
     }
 
@@ -286,6 +344,21 @@ impl Metrics {
             "resource_attribute_info",
             "1 for each resource attribute stamped on arrival, by key, value and on_conflict",
             m.resource_attribute_info.clone(),
+        );
+        r.register(
+            "buffer_max_bytes",
+            "buffer.max_bytes: the bound of buffered_bytes",
+            m.buffer_max_bytes.clone(),
+        );
+        r.register(
+            "spool_max_bytes",
+            "spool.max_bytes: the bound of the spool file (spool_bytes counts payload only)",
+            m.spool_max_bytes.clone(),
+        );
+        r.register(
+            "start_time_seconds",
+            "Unix time the agent started",
+            m.start_time_seconds.clone(),
         );
         r.register(
             "tls_handshake_failures",

@@ -88,6 +88,8 @@ pub struct Pipeline {
     max_row_bytes: u64,
     /// Memory batches inside an unfinished spool write (for the shutdown count).
     spool_writes: SpoolWrites,
+    /// `spool.max_age`: expired rows are deleted before replay claims a row.
+    expiry: Option<crate::spool::ExpirySweeper>,
 }
 
 struct Lane {
@@ -129,6 +131,7 @@ impl Pipeline {
             durable_rx: Mutex::new(durable_rx),
             handoff,
             max_row_bytes: config.batch.max_bytes.0,
+            expiry: crate::spool::ExpirySweeper::new(config.spool.max_age),
             budget: MemoryBudget::new(config.buffer.max_bytes.0),
             max_wait: config.buffer.max_wait,
             retry: config.upstream.retry.clone(),

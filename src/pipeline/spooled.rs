@@ -399,6 +399,9 @@ impl Pipeline {
             let claims = self.replay.lock().ok()?;
             (claims.cursor, claims.in_flight.clone())
         };
+        if let Some(expiry) = &self.expiry {
+            expiry.sweep_if_due(&self.spool, &held, &self.metrics).await;
+        }
         let mut found = self.read_unclaimed(cursor, held.clone()).await;
         if matches!(found, Ok(None)) && cursor != 0 {
             found = self.read_unclaimed(0, held).await;

@@ -86,6 +86,7 @@
 //! telespool, and must not be thrown away by a downgrade.
 
 mod checkpoint;
+mod expire;
 mod offline;
 mod open;
 mod store;
@@ -101,6 +102,7 @@ use tokio::sync::oneshot;
 use crate::signal::Signal;
 use store::Store;
 
+pub use expire::{Expiry, ExpirySweeper};
 pub use offline::{purge, read_all, verify, SpoolReader, VerifyReport};
 
 /// `PRAGMA application_id` of a telespool spool: ASCII "TSPL".
@@ -270,6 +272,7 @@ enum Command {
     Delete(Vec<i64>, Reply<()>),
     RecordAttempt(i64, Reply<()>),
     DropOldest(u64, Vec<i64>, Reply<Vec<(Signal, u64)>>),
+    Expire(i64, Vec<i64>, Reply<Vec<(Signal, u64)>>),
     Stats(Reply<SpoolStats>),
     Close(Reply<()>),
 }
@@ -514,6 +517,9 @@ fn run_worker(mut store: Store, commands: mpsc::Receiver<Command>, stats: &Mutex
             }
             Command::DropOldest(bytes_needed, keep, reply) => {
                 answer(reply, store.drop_oldest(bytes_needed, &keep), &store, stats)
+            }
+            Command::Expire(before_ms, keep, reply) => {
+                answer(reply, store.expire(before_ms, &keep), &store, stats)
             }
             Command::Stats(reply) => {
                 let result = store.refresh_stats().cloned();

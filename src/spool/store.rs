@@ -195,6 +195,15 @@ impl Store {
         &self.stats
     }
 
+    /// The connection, for statements kept in other files (`expire.rs`).
+    pub(super) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub(super) fn refresh_stats(&mut self) -> Result<&SpoolStats, SpoolError> {
         self.stats = compute_stats(&self.conn).map_err(sql_err(&self.path))?;
         Ok(&self.stats)
