@@ -113,6 +113,10 @@ pub async fn status(addr: SocketAddr) -> Result<String, CommandError> {
         }
     ));
     out.push_str(&format!(
+        "upstream request limit: {} bytes (uncompressed)\n",
+        sample("telespool_upstream_max_request_bytes")
+    ));
+    out.push_str(&format!(
         "buffer: {} bytes, {} items in memory\n",
         sample("telespool_buffered_bytes"),
         sample("telespool_buffered_items")
