@@ -1,7 +1,8 @@
-//! OTLP/HTTP upstreams (`upstream.protocol = "http/protobuf"`) through the
-//! real binary: every signal and compression, the answers the OTLP/HTTP
-//! specification defines (503 + Retry-After, 400 + Status), per-signal URLs,
-//! and the config errors of a bad upstream.
+//! Upstream protocols and compression through the real binary: OTLP/HTTP
+//! (`upstream.protocol = "http/protobuf"`) with every signal and compression,
+//! the answers the OTLP/HTTP specification defines (503 + Retry-After, 400 +
+//! Status), per-signal URLs, TLS with HTTP/2, SIGHUP header reloads; gRPC
+//! with zstd; and the config errors of a bad upstream.
 
 mod support;
 
@@ -195,5 +196,90 @@ fn check_config_names_the_key_of_each_bad_upstream_setting() {
         let (code, stderr) = check_config(&format!("[upstream]\n{upstream}\n"));
         assert_eq!(code, Some(2), "{upstream}: {stderr}");
         assert!(stderr.contains(key), "{upstream}: the error names {key}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_https_upstream_with_a_custom_ca_gets_every_id_over_http2() {
+    use support::tls::{toml_path, TestCa};
+    let dir = ok(tempfile::tempdir());
+    let ca = TestCa::new("HTTP upstream CA");
+    let upstream = HttpUpstream::start_tls(&ca.server_cert()).await;
+    let ca_file = dir.path().join("upstream-ca.pem");
+    ok(std::fs::write(&ca_file, &ca.pem));
+    let agent = agent_for(
+        &upstream,
+        &format!("[upstream.tls]\nca_file = {}\n", toml_path(&ca_file)),
+    )
+    .await;
+    for signal in Signal::ALL {
+        let ids = fresh_ids(50);
+        ok(send(agent.grpc_addr(), signal, &ids).await);
+        ok(upstream.wait_for_ids(signal, &id_set(&ids), DEADLINE).await);
+        upstream.assert_received_exactly(signal, &id_set(&ids));
+    }
+    for seen in upstream.seen() {
+        assert_eq!(seen.version, axum::http::Version::HTTP_2, "ALPN picked h2");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sighup_rereads_the_headers_file_of_an_http_upstream() {
+    use support::tls::{toml_path, write_atomically};
+    let dir = ok(tempfile::tempdir());
+    let headers = dir.path().join("upstream-headers");
+    write_atomically(&headers, "authorization: Bearer first-secret\n");
+    let upstream = HttpUpstream::start().await;
+    let agent = agent_for(
+        &upstream,
+        &format!("headers_file = {}\n", toml_path(&headers)),
+    )
+    .await;
+    let last_auth = |u: &HttpUpstream| {
+        u.seen().last().and_then(|s| {
+            s.headers
+                .get("authorization")?
+                .to_str()
+                .ok()
+                .map(str::to_owned)
+        })
+    };
+    let first = fresh_ids(5);
+    ok(send(agent.grpc_addr(), Signal::Traces, &first).await);
+    ok(upstream
+        .wait_for_ids(Signal::Traces, &id_set(&first), DEADLINE)
+        .await);
+    assert_eq!(last_auth(&upstream).as_deref(), Some("Bearer first-secret"));
+
+    write_atomically(&headers, "authorization: Bearer second-secret\n");
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    ok(agent.wait_for_log("reloaded files", DEADLINE).await);
+    let second = fresh_ids(5);
+    ok(send(agent.grpc_addr(), Signal::Traces, &second).await);
+    ok(upstream
+        .wait_for_ids(Signal::Traces, &id_set(&second), DEADLINE)
+        .await);
+    assert_eq!(
+        last_auth(&upstream).as_deref(),
+        Some("Bearer second-secret")
+    );
+    assert!(
+        !agent.stderr().contains("second-secret"),
+        "an upstream secret appeared in the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sdk_signals_reach_a_grpc_upstream_zstd_compressed() {
+    let upstream = Upstream::start().await;
+    let agent = start_agent(&upstream, "[upstream]\ncompression = \"zstd\"\n").await;
+    for signal in Signal::ALL {
+        let ids = ok(support::sdk::emit(signal, &agent.grpc_endpoint(), 300).await);
+        ok(upstream.wait_for_ids(signal, &id_set(&ids), DEADLINE).await);
+        upstream.assert_received_exactly(signal, &id_set(&ids));
+        assert_eq!(
+            upstream.last_header("grpc-encoding").as_deref(),
+            Some("zstd")
+        );
     }
 }

@@ -71,6 +71,7 @@ pub struct Seen {
     pub content_type: Option<String>,
     /// Decompressed body size.
     pub bytes: usize,
+    pub version: axum::http::Version,
     pub headers: HeaderMap,
 }
 
@@ -111,6 +112,7 @@ fn decompress(encoding: Option<&str>, body: &[u8]) -> Result<Vec<u8>, String> {
 
 async fn handle(
     State(shared): State<Shared>,
+    version: axum::http::Version,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
@@ -139,6 +141,7 @@ async fn handle(
         content_encoding: encoding,
         content_type: header("content-type"),
         bytes: plain.len(),
+        version,
         headers: headers.clone(),
     };
     let answer = match st.limit {
@@ -178,35 +181,105 @@ async fn handle(
     response
 }
 
+fn app(shared: &Shared) -> axum::Router {
+    axum::Router::new()
+        .fallback(handle)
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+        .with_state(shared.clone())
+}
+
+/// HTTP/1.1 and HTTP/2 (ALPN) over TLS, one task per connection.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    tls: rustls::ServerConfig,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            return;
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let Ok(stream) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+        });
+    }
+}
+
 /// The in-process OTLP/HTTP upstream. Dropping it stops the server.
 pub struct HttpUpstream {
     shared: Shared,
     addr: SocketAddr,
     task: JoinHandle<()>,
+    tls: bool,
 }
 
 impl HttpUpstream {
     pub async fn start() -> HttpUpstream {
+        HttpUpstream::serve(None).await
+    }
+
+    /// Over TLS with this server certificate (ALPN `h2`, `http/1.1`);
+    /// `endpoint()` is `https://localhost:PORT`.
+    pub async fn start_tls(cert: &super::tls::CertKey) -> HttpUpstream {
+        use rustls::pki_types::pem::PemObject;
+        let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("test server certificate");
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())
+            .expect("test server key");
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("test server TLS config");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        HttpUpstream::serve(Some(config)).await
+    }
+
+    async fn serve(tls: Option<rustls::ServerConfig>) -> HttpUpstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind test HTTP upstream on 127.0.0.1:0");
         let addr = listener.local_addr().expect("local_addr");
         let shared: Shared = Arc::default();
-        let app = axum::Router::new()
-            .fallback(handle)
-            .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
-            .with_state(shared.clone());
+        let app = app(&shared);
+        let is_tls = tls.is_some();
         let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                eprintln!("[http upstream] server ended: {e}");
+            match tls {
+                Some(tls) => serve_tls(listener, app, tls).await,
+                None => {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        eprintln!("[http upstream] server ended: {e}");
+                    }
+                }
             }
         });
-        HttpUpstream { shared, addr, task }
+        HttpUpstream {
+            shared,
+            addr,
+            task,
+            tls: is_tls,
+        }
     }
 
-    /// `http://127.0.0.1:PORT`, the base URL for `upstream.endpoint`.
+    /// `http://127.0.0.1:PORT` (`https://localhost:PORT` over TLS), the
+    /// base URL for `upstream.endpoint`.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.tls {
+            true => format!("https://localhost:{}", self.addr.port()),
+            false => format!("http://{}", self.addr),
+        }
     }
 
     /// Answer the next requests with these, in order (then 200 again).
