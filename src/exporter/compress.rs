@@ -5,10 +5,13 @@
 //! caller; 0 for HTTP), so the request is built in one pass and one
 //! allocation sized for the uncompressed batch.
 //!
-//! Levels: gzip at 1 (zlib-rs) and zstd at 1. On OTLP batches zstd level 1
-//! gives a smaller body than gzip level 1 at a fraction of its CPU; higher
-//! levels cost CPU for a few percent of size (see `compression_levels` in
-//! benches/wire.rs for the figures).
+//! Levels: gzip at 1 (zlib-rs) and zstd at 1. On a 1.6 MB batch of 4000
+//! HTTP-server-like spans (random ids, varied URLs, user agents, addresses),
+//! one release run, three repeats: gzip-1 3.15x at 93-123 MB/s, gzip-6 3.95x
+//! at 38-40 MB/s, zstd-1 3.87x at 175-182 MB/s, zstd-2 3.92x at 123-144 MB/s,
+//! zstd-3 3.93x at 84-105 MB/s. zstd-1 is about 1.6x gzip-1's speed for a
+//! 19% smaller body; levels 2 and 3 buy 1-2% of size for 25-50% more CPU.
+//! The agent-level cost per protocol and compression is the e2e bench's.
 
 use std::io::Write;
 
