@@ -224,3 +224,29 @@ async fn spooled_batches_above_the_limit_are_split_when_replayed() {
         )
         .await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_max_request_bytes_at_upstreams_limit_batches_are_sealed_below_it_and_never_refused() {
+    let upstream = HttpUpstream::start().await;
+    upstream.limit(LIMIT);
+    let agent = ok(AgentProcess::builder()
+        .upstream(&upstream.endpoint())
+        .config_toml(
+            "[batch]\ntimeout = \"200ms\"\n\
+             [upstream]\nprotocol = \"http/protobuf\"\nmax_request_bytes = \"1MiB\"\n",
+        )
+        .start()
+        .await);
+    let sent = send_mixed(&agent, Signal::Metrics).await;
+    ok(upstream
+        .wait_for_ids(Signal::Metrics, &sent, DEADLINE)
+        .await);
+    upstream.assert_received_exactly(Signal::Metrics, &sent);
+    let seen = upstream.seen();
+    assert!(seen.iter().all(|s| s.status == 200 && s.bytes <= LIMIT));
+    assert!(
+        seen.len() >= 8,
+        "about 11 MB in requests of at most 1 MiB: {}",
+        seen.len()
+    );
+}
