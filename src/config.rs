@@ -969,6 +969,11 @@ impl Config {
 /// An upstream URL under `key`: http:// or https:// with a host.
 fn check_url(key: &str, url: &str, protocol: UpstreamProtocol) -> Result<(), ConfigError> {
     let bad = |msg: String| Err(ConfigError::Invalid(msg));
+    if !url.contains("://") {
+        return bad(format!(
+            "{key} {url:?} has no scheme: write a full URL starting with http:// or https://"
+        ));
+    }
     let uri: http::Uri = url
         .parse()
         .map_err(|e| ConfigError::Invalid(format!("{key} {url:?} is not a URL: {e}")))?;

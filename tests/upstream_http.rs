@@ -183,7 +183,7 @@ fn check_config_names_the_key_of_each_bad_upstream_setting() {
         ),
         (
             "endpoint = \"http://gw:4318\"\nprotocol = \"http/protobuf\"\nlogs_endpoint = \"gw:4318/v1/logs\"",
-            "upstream.logs_endpoint",
+            "upstream.logs_endpoint \"gw:4318/v1/logs\" has no scheme",
         ),
         ("endpoint = \"http://gw:4318\"\nprotocol = \"http/json\"", "protocol"),
         ("endpoint = \"http://gw:4318\"\ncompression = \"brotli\"", "compression"),
