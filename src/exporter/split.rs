@@ -97,7 +97,7 @@ pub(crate) fn pack(signal: Signal, chunks: &[Bytes], limit: u64) -> VecDeque<Par
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -118,7 +118,7 @@ mod tests {
 
     /// One ResourceSpans entry (request field 1) holding `spans` spans whose
     /// names are `name_len` bytes.
-    fn resource_spans(spans: usize, name_len: usize) -> Vec<u8> {
+    pub(crate) fn resource_spans(spans: usize, name_len: usize) -> Vec<u8> {
         let mut scope = Vec::new();
         for _ in 0..spans {
             let mut span = field(0x0a, &[1; 16]); // trace_id

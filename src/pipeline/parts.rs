@@ -92,3 +92,78 @@ impl Pipeline {
         next(batch, rest)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::Origin;
+    use crate::buffer::MemoryBudget;
+    use crate::config::{ByteSize, UpstreamConfig};
+    use crate::exporter::split::tests::resource_spans;
+    use crate::exporter::UpstreamSetup;
+    use crate::signal::Signal;
+    use bytes::Bytes;
+
+    fn upstream(limit: u64) -> Upstream {
+        let cfg = UpstreamConfig {
+            max_request_bytes: ByteSize(limit),
+            ..UpstreamConfig::default()
+        };
+        let endpoint = "http://127.0.0.1:9";
+        Upstream::new(&cfg, endpoint, UpstreamSetup::load(&cfg, endpoint).unwrap())
+    }
+
+    fn batch(chunks: Vec<Bytes>, items: u64) -> Batch {
+        Batch {
+            signal: Signal::Traces,
+            bytes: chunks.iter().map(|c| c.len() as u64).sum(),
+            chunks,
+            items,
+            created_ms: 0,
+            attempts: 0,
+            origin: Origin::Memory,
+            reservation: MemoryBudget::new(1 << 20).empty(Signal::Traces),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_above_the_limit_is_sent_in_parts_and_what_is_left_rejoins_whole() {
+        let entry = resource_spans(4, 200);
+        let chunks: Vec<Bytes> = (0..6).map(|_| Bytes::from(entry.clone())).collect();
+        let whole: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        let mut b = batch(chunks, 24);
+        let mut rest = cut_to_limit(&upstream(2 * entry.len() as u64), &mut b);
+        assert_eq!((b.chunks.len(), b.items, rest.len()), (2, 8, 2));
+        // The first part is acknowledged; shutdown cuts the second off.
+        assert!(next(&mut b, &mut rest));
+        rejoin(&mut b, rest);
+        assert_eq!((b.items, b.bytes), (16, 4 * entry.len() as u64));
+        let left: Vec<u8> = b.chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        assert_eq!(
+            left,
+            whole[2 * entry.len()..],
+            "exactly the parts not acknowledged"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_within_the_limit_is_one_part() {
+        let mut b = batch(vec![Bytes::from(resource_spans(3, 10))], 3);
+        let mut rest = cut_to_limit(&upstream(1 << 20), &mut b);
+        assert!(rest.is_empty());
+        assert!(!next(&mut b, &mut rest));
+        assert_eq!(b.items, 3);
+    }
+
+    #[tokio::test]
+    async fn lowering_the_limit_halves_it_and_never_raises_it() {
+        let u = upstream(4 << 20);
+        assert_eq!(u.lower_limit(3 << 20), Some(3 << 19));
+        assert_eq!(
+            u.lower_limit(4 << 20),
+            None,
+            "a larger refusal changes nothing"
+        );
+        assert_eq!(u.working_limit(), 3 << 19);
+    }
+}
