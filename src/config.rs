@@ -519,8 +519,19 @@ impl Default for BatchConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// OTLP/gRPC endpoint, `http://host:port` or `https://host:port`. None: no export.
+    /// `http://host:port` or `https://host:port`. None: no export. For
+    /// `http/protobuf` a base URL: `/v1/<signal>` is appended.
     pub endpoint: Option<String>,
+    /// OTLP over gRPC (default) or over HTTP with protobuf bodies.
+    pub protocol: UpstreamProtocol,
+    /// `http/protobuf` only: full URLs for one signal, used as given
+    /// instead of `endpoint` + `/v1/<signal>`.
+    pub traces_endpoint: Option<String>,
+    pub metrics_endpoint: Option<String>,
+    pub logs_endpoint: Option<String>,
+    /// Largest upstream request, uncompressed: batches are sealed below it,
+    /// and the exporter lowers its working limit if upstream refuses less.
+    pub max_request_bytes: ByteSize,
     /// Exports in flight at once (live data; replay has its own small share).
     pub concurrency: usize,
     /// Deadline of one export call.
@@ -542,10 +553,58 @@ impl UpstreamConfig {
     /// headers file, or TLS files (or the system roots) for `https://`.
     pub fn reads_files(&self) -> bool {
         self.headers_file.is_some()
-            || self
-                .endpoint
-                .as_deref()
-                .is_some_and(|e| e.starts_with("https://"))
+            || [
+                &self.endpoint,
+                &self.traces_endpoint,
+                &self.metrics_endpoint,
+                &self.logs_endpoint,
+            ]
+            .iter()
+            .any(|e| e.as_deref().is_some_and(|e| e.starts_with("https://")))
+    }
+
+    /// The per-signal URL keys and their values, for checks and the exporter.
+    pub fn signal_endpoints(&self) -> [(&'static str, Option<&str>); 3] {
+        [
+            ("upstream.traces_endpoint", self.traces_endpoint.as_deref()),
+            (
+                "upstream.metrics_endpoint",
+                self.metrics_endpoint.as_deref(),
+            ),
+            ("upstream.logs_endpoint", self.logs_endpoint.as_deref()),
+        ]
+    }
+
+    /// Endpoint URLs: http:// or https:// with a host; per-signal URLs only
+    /// with `http/protobuf` and a base `endpoint`.
+    fn validate_endpoints(&self) -> Result<(), ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        if let Some(endpoint) = &self.endpoint {
+            check_url("upstream.endpoint", endpoint, self.protocol)?;
+        }
+        for (key, url) in self.signal_endpoints() {
+            let Some(url) = url else { continue };
+            if self.protocol != UpstreamProtocol::HttpProtobuf {
+                return bad(format!(
+                    "{key} is only used with upstream.protocol = \"http/protobuf\"; \
+                     set the protocol or remove {key}"
+                ));
+            }
+            if self.endpoint.is_none() {
+                return bad(format!(
+                    "{key} is set but upstream.endpoint is not; set upstream.endpoint \
+                     (the base URL of the other signals)"
+                ));
+            }
+            check_url(key, url, self.protocol)?;
+        }
+        if self.max_request_bytes.0 < 1024 {
+            return bad(format!(
+                "upstream.max_request_bytes ({}) must be at least 1KiB",
+                self.max_request_bytes
+            ));
+        }
+        Ok(())
     }
 
     /// `[upstream.tls]` needs an `https://` endpoint, and a client
@@ -593,6 +652,11 @@ impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
             endpoint: None,
+            protocol: UpstreamProtocol::Grpc,
+            traces_endpoint: None,
+            metrics_endpoint: None,
+            logs_endpoint: None,
+            max_request_bytes: ByteSize(4 << 20),
             concurrency: 4,
             timeout: Duration::from_secs(10),
             compression: Compression::Gzip,
@@ -608,7 +672,18 @@ impl Default for UpstreamConfig {
 #[serde(rename_all = "snake_case")]
 pub enum Compression {
     Gzip,
+    Zstd,
     None,
+}
+
+/// How the exporter speaks OTLP to upstream (`upstream.protocol`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    #[default]
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -958,22 +1033,7 @@ impl Config {
                 "upstream.retry.initial_backoff must not exceed upstream.retry.max_backoff".into(),
             );
         }
-        if let Some(endpoint) = &self.upstream.endpoint {
-            let uri: http::Uri = endpoint.parse().map_err(|e| {
-                ConfigError::Invalid(format!("upstream.endpoint {endpoint:?} is not a URL: {e}"))
-            })?;
-            match uri.scheme_str() {
-                Some("http") | Some("https") => {}
-                _ => {
-                    return bad(format!(
-                        "upstream.endpoint {endpoint:?} must start with http:// or https://"
-                    ))
-                }
-            }
-            if uri.host().is_none() {
-                return bad(format!("upstream.endpoint {endpoint:?} has no host"));
-            }
-        }
+        self.upstream.validate_endpoints()?;
         self.upstream.validate_tls()?;
         if self.shutdown.flush_budget > self.shutdown.timeout {
             return bad(format!(
@@ -1033,6 +1093,40 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
+}
+
+/// An upstream URL under `key`: http:// or https:// with a host.
+fn check_url(key: &str, url: &str, protocol: UpstreamProtocol) -> Result<(), ConfigError> {
+    let bad = |msg: String| Err(ConfigError::Invalid(msg));
+    if !url.contains("://") {
+        return bad(format!(
+            "{key} {url:?} has no scheme: write a full URL starting with http:// or https://"
+        ));
+    }
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| ConfigError::Invalid(format!("{key} {url:?} is not a URL: {e}")))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        None => {
+            return bad(format!(
+                "{key} {url:?} has no scheme: write a full URL starting with http:// or https://"
+            ))
+        }
+        Some(other) => {
+            let hint = match protocol {
+                UpstreamProtocol::HttpProtobuf => " (upstream.protocol is \"http/protobuf\")",
+                UpstreamProtocol::Grpc => " (gRPC over TLS is https://)",
+            };
+            return bad(format!(
+                "{key} {url:?} must start with http:// or https://, not {other}://{hint}"
+            ));
+        }
+    }
+    if uri.host().is_none() {
+        return bad(format!("{key} {url:?} has no host"));
+    }
+    Ok(())
 }
 
 /// A size in bytes; in TOML a plain integer or a string such as `"64MiB"`.

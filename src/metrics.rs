@@ -87,16 +87,19 @@ pub enum DropReason {
     SpoolError,
     /// A spooled batch was older than `spool.max_age`.
     SpoolExpired,
+    /// One resource entry larger than upstream accepts, even alone.
+    UpstreamTooLarge,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::Rejected,
         DropReason::SpoolFull,
         DropReason::SpoolEvicted,
         DropReason::ShutdownTimeout,
         DropReason::SpoolError,
         DropReason::SpoolExpired,
+        DropReason::UpstreamTooLarge,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -107,6 +110,7 @@ impl DropReason {
             DropReason::ShutdownTimeout => "shutdown_timeout",
             DropReason::SpoolError => "spool_error",
             DropReason::SpoolExpired => "spool_expired",
+            DropReason::UpstreamTooLarge => "upstream_too_large",
         }
     }
 }
@@ -137,6 +141,9 @@ pub struct Metrics {
     /// Unix time (seconds) of the first failure of the current failing
     /// stretch; 0 while upstream is up.
     pub upstream_failing_since: Gauge,
+    /// The exporter's working request-size limit (uncompressed bytes):
+    /// `upstream.max_request_bytes`, lowered when upstream refused less.
+    pub upstream_max_request_bytes: Gauge,
     /// TLS handshakes on the OTLP listeners that failed, by listener (grpc,
     /// http) and reason (timeout, client_certificate, error).
     pub tls_handshake_failures: Family<SignalAnd, Counter>,
@@ -185,6 +192,7 @@ impl Metrics {
             spool_oldest_age_seconds: Gauge::default(),
             upstream_up: Gauge::default(),
             upstream_failing_since: Gauge::default(),
+            upstream_max_request_bytes: Gauge::default(),
             tls_handshake_failures: Family::default(),
             duplicates_risked: AtomicU64::new(0),
             listener_info: Family::default(),
@@ -334,6 +342,11 @@ impl Metrics {
             "upstream_failing_since_seconds",
             "Unix time upstream started failing; 0 while it is up",
             m.upstream_failing_since.clone(),
+        );
+        r.register(
+            "upstream_max_request_bytes",
+            "Largest request sent upstream now, uncompressed; lowered when upstream refuses as too large",
+            m.upstream_max_request_bytes.clone(),
         );
         r.register(
             "listener_info",

@@ -32,11 +32,12 @@ use crate::durable::{Handoff, Pending};
 use crate::exporter::Upstream;
 use crate::metrics::{DropReason, Metrics};
 use crate::queue::ExportQueue;
-use crate::retry::{classify, Backoff, Verdict};
+use crate::retry::{verdict, Backoff, Verdict};
 use crate::signal::Signal;
 use crate::spool::Spool;
 
 mod spool_writes;
+mod parts;
 mod spooled;
 
 use spool_writes::SpoolWrites;
@@ -107,7 +108,11 @@ impl Pipeline {
     ) -> Arc<Pipeline> {
         let limits = Limits {
             max_items: config.batch.max_items,
-            max_bytes: config.batch.max_bytes.0,
+            max_bytes: config
+                .batch
+                .max_bytes
+                .0
+                .min(config.upstream.max_request_bytes.0),
             timeout: config.batch.timeout,
         };
         let lane = |signal| {
@@ -293,12 +298,16 @@ impl Pipeline {
         let signal = batch.signal;
         let mut backoff = Backoff::new(self.retry.initial_backoff, self.retry.max_backoff);
         let started = Instant::now();
+        // `batch` holds the part being sent; `rest` the parts after it, when
+        // the batch is above upstream's size limit (see pipeline/parts.rs).
+        let mut rest = parts::cut_to_limit(upstream, &mut batch);
         loop {
             batch.attempts = batch.attempts.saturating_add(1);
             let t0 = Instant::now();
             let result = tokio::select! {
                 biased;
                 _ = force.cancelled() => {
+                    parts::rejoin(&mut batch, rest);
                     self.cut_off(batch, true);
                     return;
                 }
@@ -323,22 +332,38 @@ impl Pipeline {
                     let from_spool = matches!(batch.origin, Origin::Spool { .. });
                     self.metrics
                         .forwarded(signal, batch.items - rejected, from_spool);
+                    if parts::next(&mut batch, &mut rest) {
+                        backoff.reset();
+                        continue;
+                    }
                     self.finish_spooled(&batch).await;
                     return;
                 }
-                Err(failure) => match classify(failure.code, failure.retry_after.is_some()) {
+                Err(failure) => match verdict(&failure) {
+                    Verdict::TooLarge => {
+                        self.metrics
+                            .export_result(signal, "too_large", t0.elapsed());
+                        if self.split_refused(upstream, &mut batch, &mut rest, &failure) {
+                            continue;
+                        }
+                        self.finish_spooled(&batch).await;
+                        return;
+                    }
                     Verdict::Drop => {
                         self.metrics.export_result(signal, "rejected", t0.elapsed());
                         tracing::error!(
                             %signal,
                             items = batch.items,
                             bytes = batch.bytes,
-                            code = ?failure.code,
+                            cause = %failure.cause,
                             message = %failure.message,
                             "upstream rejected the batch with a non-retryable status; dropped"
                         );
                         self.metrics
                             .dropped(signal, DropReason::Rejected, batch.items);
+                        if parts::next(&mut batch, &mut rest) {
+                            continue;
+                        }
                         self.finish_spooled(&batch).await;
                         return;
                     }
@@ -346,14 +371,16 @@ impl Pipeline {
                         self.metrics
                             .export_result(signal, "retryable", t0.elapsed());
                         let delay = backoff.next_delay(failure.retry_after, &mut rand::rng());
-                        tracing::debug!(%signal, code = ?failure.code, message = %failure.message, ?delay, "export failed; will retry");
+                        tracing::debug!(%signal, cause = %failure.cause, message = %failure.message, ?delay, "export failed; will retry");
                         if started.elapsed() + delay > self.retry.max_elapsed {
+                            parts::rejoin(&mut batch, rest);
                             self.give_up_retrying(batch).await;
                             return;
                         }
                         tokio::select! {
                             biased;
                             _ = force.cancelled() => {
+                                parts::rejoin(&mut batch, rest);
                                 self.cut_off(batch, false);
                                 return;
                             }
@@ -468,6 +495,8 @@ impl Pipeline {
                 .unwrap_or(0);
             m.upstream_failing_since.set(since);
             m.upstream_up.set(i64::from(health.up));
+            m.upstream_max_request_bytes
+                .set(i64::try_from(upstream.working_limit()).unwrap_or(i64::MAX));
         }
     }
 }

@@ -1,35 +1,80 @@
 //! Which upstream failures are retried, and how long to wait between attempts.
 //!
-//! Classification follows the OTLP specification for exporters: CANCELLED,
-//! DEADLINE_EXCEEDED, ABORTED, OUT_OF_RANGE, UNAVAILABLE and DATA_LOSS are
-//! retryable; RESOURCE_EXHAUSTED is retryable only when the server sent a
-//! `RetryInfo` (the server says it will recover); everything else is permanent
-//! and the batch is dropped with a counted reason. Pure functions, no runtime.
+//! Classification follows the OTLP specification for exporters, for both
+//! protocols, in [`classify`]:
+//!
+//! - gRPC: CANCELLED, DEADLINE_EXCEEDED, ABORTED, OUT_OF_RANGE, UNAVAILABLE
+//!   and DATA_LOSS are retryable; RESOURCE_EXHAUSTED is retryable when the
+//!   server sent a `RetryInfo` (it says it will recover), and without one it
+//!   means "message too large" (grpc-go, grpc C-core); tonic servers say
+//!   that with OUT_OF_RANGE "decoded message length too large", which is
+//!   recognised by its message. Everything else is permanent.
+//! - HTTP: 429, 502, 503, 504 are retryable (`Retry-After` honoured, see
+//!   [`parse_retry_after`]); 413 is too large; everything else is permanent.
+//! - No answer at all (connection failed, reset, timeout) is retryable.
+//!
+//! Permanent failures drop the batch with a counted reason; "too large" makes
+//! the exporter split it. Pure functions, no runtime.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 use tonic::Code;
+
+use crate::exporter::{Cause, ExportFailure};
 
 /// What to do with a batch after a failed export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Retry,
+    /// Upstream refused the request's size: send it in smaller parts.
+    TooLarge,
     Drop,
 }
 
-/// Classify a gRPC status from upstream.
-pub fn classify(code: Code, has_retry_info: bool) -> Verdict {
-    match code {
-        Code::Cancelled
-        | Code::DeadlineExceeded
-        | Code::Aborted
-        | Code::OutOfRange
-        | Code::Unavailable
-        | Code::DataLoss => Verdict::Retry,
-        Code::ResourceExhausted if has_retry_info => Verdict::Retry,
-        _ => Verdict::Drop,
+/// Classify upstream's answer. `message` is only read to recognise tonic's
+/// "too large", which it reports as OUT_OF_RANGE.
+pub fn classify(cause: &Cause, has_retry_info: bool, message: &str) -> Verdict {
+    match *cause {
+        Cause::NoAnswer | Cause::Timeout => Verdict::Retry,
+        Cause::Grpc(Code::OutOfRange) if message.contains("message length too large") => {
+            Verdict::TooLarge
+        }
+        Cause::Grpc(
+            Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::OutOfRange
+            | Code::Unavailable
+            | Code::DataLoss,
+        ) => Verdict::Retry,
+        Cause::Grpc(Code::ResourceExhausted) if has_retry_info => Verdict::Retry,
+        Cause::Grpc(Code::ResourceExhausted) => Verdict::TooLarge,
+        Cause::Grpc(_) => Verdict::Drop,
+        Cause::Http(429 | 502 | 503 | 504) => Verdict::Retry,
+        Cause::Http(413) => Verdict::TooLarge,
+        Cause::Http(_) => Verdict::Drop,
     }
+}
+
+/// [`classify`] of a failed export.
+pub fn verdict(failure: &ExportFailure) -> Verdict {
+    classify(
+        &failure.cause,
+        failure.retry_after.is_some(),
+        &failure.message,
+    )
+}
+
+/// An HTTP `Retry-After` value: delay seconds, or an HTTP date (the wait
+/// until it, zero if it has passed). None if it is neither.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let date = httpdate::parse_http_date(value).ok()?;
+    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// Exponential backoff with full jitter, bounded by `max`.
@@ -80,13 +125,78 @@ mod tests {
     use proptest::prelude::*;
     use rand::SeedableRng;
 
+    fn grpc(code: Code, retry_info: bool) -> Verdict {
+        classify(&Cause::Grpc(code), retry_info, "")
+    }
+
     #[test]
-    fn resource_exhausted_is_retried_only_with_retry_info() {
-        assert_eq!(classify(Code::ResourceExhausted, false), Verdict::Drop);
-        assert_eq!(classify(Code::ResourceExhausted, true), Verdict::Retry);
-        assert_eq!(classify(Code::Unavailable, false), Verdict::Retry);
-        assert_eq!(classify(Code::InvalidArgument, true), Verdict::Drop);
-        assert_eq!(classify(Code::Unauthenticated, false), Verdict::Drop);
+    fn resource_exhausted_is_retried_with_retry_info_and_too_large_without() {
+        assert_eq!(grpc(Code::ResourceExhausted, false), Verdict::TooLarge);
+        assert_eq!(grpc(Code::ResourceExhausted, true), Verdict::Retry);
+        assert_eq!(grpc(Code::Unavailable, false), Verdict::Retry);
+        assert_eq!(grpc(Code::OutOfRange, false), Verdict::Retry);
+        assert_eq!(grpc(Code::InvalidArgument, true), Verdict::Drop);
+        assert_eq!(grpc(Code::Unauthenticated, false), Verdict::Drop);
+        assert_eq!(classify(&Cause::NoAnswer, false, ""), Verdict::Retry);
+        assert_eq!(classify(&Cause::Timeout, false, ""), Verdict::Retry);
+    }
+
+    #[test]
+    fn tonic_servers_out_of_range_message_too_large_is_too_large() {
+        let tonic = "Error, decoded message length too large: found 3145728 bytes, the limit is: 1048576 bytes";
+        assert_eq!(
+            classify(&Cause::Grpc(Code::OutOfRange), false, tonic),
+            Verdict::TooLarge
+        );
+    }
+
+    #[test]
+    fn http_statuses_are_classified_as_the_otlp_specification_says() {
+        for (status, want) in [
+            (429, Verdict::Retry),
+            (502, Verdict::Retry),
+            (503, Verdict::Retry),
+            (504, Verdict::Retry),
+            (413, Verdict::TooLarge),
+            (400, Verdict::Drop),
+            (401, Verdict::Drop),
+            (404, Verdict::Drop),
+            (500, Verdict::Drop),
+            (301, Verdict::Drop),
+        ] {
+            assert_eq!(classify(&Cause::Http(status), false, ""), want, "{status}");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_seconds_or_an_http_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after(" 2 ", now), Some(Duration::from_secs(2)));
+        assert_eq!(
+            parse_retry_after("Tue, 14 Nov 2023 22:14:20 GMT", now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            parse_retry_after("Tue, 14 Nov 2023 22:00:00 GMT", now),
+            Some(Duration::ZERO),
+            "a date in the past means now"
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
+    }
+
+    /// The wait before the next attempt is upstream's Retry-After, even
+    /// above the backoff ceiling, and the sleep lasts exactly that long.
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_of_two_seconds_is_waited_in_full() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let now = SystemTime::UNIX_EPOCH;
+        let delay = b.next_delay(parse_retry_after("2", now), &mut rng);
+        assert_eq!(delay, Duration::from_secs(2));
+        let t0 = tokio::time::Instant::now();
+        tokio::time::sleep(delay).await;
+        assert_eq!(t0.elapsed(), Duration::from_secs(2));
     }
 
     #[test]

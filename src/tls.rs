@@ -290,6 +290,46 @@ pub fn client_config(cfg: Option<&UpstreamTlsConfig>) -> Result<ClientTlsConfig,
     Ok(tls)
 }
 
+/// The OTLP/HTTP exporter's rustls client config from `[upstream.tls]`:
+/// the same trust and client certificate as [`client_config`] gives tonic,
+/// with ALPN `h2` and `http/1.1`.
+pub fn http_client_config(
+    cfg: Option<&UpstreamTlsConfig>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = provider();
+    let store = match cfg.and_then(|c| c.ca_file.as_ref()) {
+        Some(path) => roots("upstream.tls.ca_file", path)?.0,
+        None => {
+            let mut store = RootCertStore::empty();
+            // Unreadable system certificates are skipped, as tonic does.
+            let found = rustls_native_certs::load_native_certs();
+            store.add_parsable_certificates(found.certs);
+            store
+        }
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|source| TlsError::Config {
+            what: "upstream client",
+            source,
+        })?
+        .with_root_certificates(store);
+    let pair = cfg.and_then(|c| c.cert_file.as_ref().zip(c.key_file.as_ref()));
+    let mut config = match pair {
+        Some((cert_path, key_path)) => {
+            let keys = PairKeys {
+                cert: "upstream.tls.cert_file",
+                key: "upstream.tls.key_file",
+            };
+            let certified = certified_key(keys, cert_path, key_path, &provider)?;
+            builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)))
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 /// Why a handshake failed (label `reason` of the failure counter).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum HandshakeFailure {

@@ -133,6 +133,33 @@ pub fn walk(signal: Signal, buf: &[u8]) -> Result<Counts, WireError> {
     })
 }
 
+/// The byte ranges of the top-level fields of an export request (its
+/// resource entries, and any unknown fields), in order and covering `buf`
+/// exactly. Each range, alone or with any of the others, is a valid request:
+/// the exporter splits a request that upstream finds too large at these
+/// boundaries. Only the top level is checked; `buf` was walked at ingest.
+pub(crate) fn top_level_fields(
+    signal: Signal,
+    buf: &[u8],
+) -> Result<Vec<std::ops::Range<usize>>, WireError> {
+    let mut ranges = Vec::new();
+    let mut request = Reader::new(buf, 0);
+    loop {
+        let start = request.pos;
+        match request.next_field() {
+            Ok(Some(_)) => ranges.push(start..request.pos),
+            Ok(None) => return Ok(ranges),
+            Err(Fault { offset, kind }) => {
+                return Err(WireError {
+                    signal,
+                    offset,
+                    kind,
+                })
+            }
+        }
+    }
+}
+
 /// Message names of one signal's three outer levels, for error messages.
 struct Names {
     request: &'static str,

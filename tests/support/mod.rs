@@ -5,6 +5,9 @@
 //! - [`resources`]: resource entries as upstream saw them (attributes, ids).
 //! - [`upstream::Upstream`]: an in-process OTLP/gRPC upstream that records
 //!   ids and can fail, stall, go down and come back on the same port.
+//! - [`http_upstream::HttpUpstream`]: an in-process OTLP/HTTP upstream that
+//!   records ids, with scripted answers (503 + Retry-After, 400 + Status) and
+//!   a size limit answered with 413.
 //! - [`client`]: `send`, `send_raw` and the background [`client::Sender`].
 //! - [`sdk`]: emit through the real OpenTelemetry SDK exporters.
 //! - [`agent::AgentProcess`]: the real telespool binary as a child process.
@@ -24,6 +27,7 @@ pub mod agent;
 pub mod client;
 pub mod held;
 pub mod http;
+pub mod http_upstream;
 pub mod ids;
 pub mod resources;
 pub mod sdk;

@@ -363,7 +363,12 @@ struct Running {
     task: JoinHandle<()>,
 }
 
-fn serve(shared: Arc<Shared>, listener: TcpListener, tls: Option<ServerTlsConfig>) -> Running {
+fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tls: Option<ServerTlsConfig>,
+    max_message: usize,
+) -> Running {
     let generation = CancellationToken::new();
     let service = Service {
         shared,
@@ -387,20 +392,23 @@ fn serve(shared: Arc<Shared>, listener: TcpListener, tls: Option<ServerTlsConfig
         .add_service(
             TraceServiceServer::new(service.clone())
                 .accept_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Zstd)
                 .send_compressed(CompressionEncoding::Gzip)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(max_message),
         )
         .add_service(
             MetricsServiceServer::new(service.clone())
                 .accept_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Zstd)
                 .send_compressed(CompressionEncoding::Gzip)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(max_message),
         )
         .add_service(
             LogsServiceServer::new(service)
                 .accept_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Zstd)
                 .send_compressed(CompressionEncoding::Gzip)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(max_message),
         );
     let shutdown = generation.clone().cancelled_owned();
     let task = tokio::spawn(async move {
@@ -421,6 +429,8 @@ pub struct Upstream {
     running: Mutex<Option<Running>>,
     /// Served over TLS with this config (kept for `restart`).
     tls: Option<ServerTlsConfig>,
+    /// tonic's `max_decoding_message_size`: larger requests are refused.
+    max_message: usize,
 }
 
 impl Upstream {
@@ -434,7 +444,21 @@ impl Upstream {
         Upstream::serve_on_fresh_port(Some(tls)).await
     }
 
+    /// Like [`start`](Self::start), refusing requests larger than
+    /// `max_message` bytes as tonic does (OUT_OF_RANGE "decoded message
+    /// length too large"), as a gateway with a smaller limit would.
+    pub async fn start_with_limit(max_message: usize) -> Upstream {
+        Upstream::serve_on_fresh_port_limited(None, max_message).await
+    }
+
     async fn serve_on_fresh_port(tls: Option<ServerTlsConfig>) -> Upstream {
+        Upstream::serve_on_fresh_port_limited(tls, MAX_MESSAGE_BYTES).await
+    }
+
+    async fn serve_on_fresh_port_limited(
+        tls: Option<ServerTlsConfig>,
+        max_message: usize,
+    ) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind test upstream on 127.0.0.1:0");
@@ -451,12 +475,13 @@ impl Upstream {
             mode_changed,
             stalled: AtomicUsize::new(0),
         });
-        let running = serve(shared.clone(), listener, tls.clone());
+        let running = serve(shared.clone(), listener, tls.clone(), max_message);
         Upstream {
             shared,
             addr,
             running: Mutex::new(Some(running)),
             tls,
+            max_message,
         }
     }
 
@@ -545,7 +570,12 @@ impl Upstream {
                 ),
             }
         };
-        let running = serve(self.shared.clone(), listener, self.tls.clone());
+        let running = serve(
+            self.shared.clone(),
+            listener,
+            self.tls.clone(),
+            self.max_message,
+        );
         *self.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(running);
     }
 
