@@ -223,7 +223,7 @@ pub async fn run(
         metrics.clone(),
         config.receiver.max_request_bytes.0,
         config.receiver.body_timeout,
-        stamping.map(|s| s.current()),
+        stamping.as_ref().map(|s| s.current()),
     );
     let admin = Arc::new(AdminState {
         ready: AtomicBool::new(false),
@@ -234,7 +234,8 @@ pub async fn run(
             crate::status::listeners_of(&listeners),
             metrics.clone(),
             pipeline.clone(),
-        ),
+        )
+        .with_resource(stamping.as_ref().map(|s| s.current())),
     });
     let (health, health_service) = tonic_health::server::health_reporter();
     health

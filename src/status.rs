@@ -16,7 +16,9 @@ use std::time::{Instant, SystemTime};
 
 use crate::admin::proto;
 use crate::batch::unix_ms;
-use crate::config::{Config, Durability, WhenFull};
+use crate::reloadable::Reloadable;
+use crate::resource::Stamping;
+use crate::config::{Config, Durability, UpstreamProtocol, WhenFull};
 use crate::metrics::latency::{quantile_ms, BOUNDS_MS};
 use crate::metrics::{DropReason, Metrics, Refusal};
 use crate::pipeline::Pipeline;
@@ -38,6 +40,8 @@ pub struct StatusSource {
     fixed: Fixed,
     metrics: Arc<Metrics>,
     pipeline: Arc<Pipeline>,
+    /// The resource attributes stamped on arrival (reloaded on SIGHUP).
+    resource: Option<Reloadable<Stamping>>,
 }
 
 /// Configured values that do not change while the agent runs.
@@ -62,11 +66,13 @@ impl StatusSource {
     ) -> StatusSource {
         let fixed = Fixed {
             endpoint: config.upstream.endpoint.clone(),
-            // upstream.protocol and upstream.max_request_bytes are not config
-            // keys yet: gRPC is the only protocol, and no working limit is known.
-            protocol: "grpc".to_owned(),
+            protocol: match config.upstream.protocol {
+                UpstreamProtocol::Grpc => "grpc",
+                UpstreamProtocol::HttpProtobuf => "http/protobuf",
+            }
+            .to_owned(),
             concurrency: u32::try_from(config.upstream.concurrency).unwrap_or(u32::MAX),
-            working_max_request_bytes: 0,
+            working_max_request_bytes: config.upstream.max_request_bytes.0,
             buffer_max_bytes: config.buffer.max_bytes.0,
             spool_path: config.spool.resolved_path().display().to_string(),
             spool_max_bytes: config.spool.max_bytes.0,
@@ -86,7 +92,14 @@ impl StatusSource {
             fixed,
             metrics,
             pipeline,
+            resource: None,
         }
+    }
+
+    /// Report the attributes `stamping` holds (`[resource]` configured).
+    pub fn with_resource(mut self, stamping: Option<Reloadable<Stamping>>) -> StatusSource {
+        self.resource = stamping;
+        self
     }
 
     pub fn set_phase(&self, phase: Phase) {
@@ -116,7 +129,11 @@ impl StatusSource {
                 failing_since_unix_ms: health.failing_since.map(unix_ms).unwrap_or(0),
                 last_error: health.last_error.unwrap_or_default(),
                 consecutive_failures: health.consecutive_failures,
-                working_max_request_bytes: self.fixed.working_max_request_bytes,
+                // Lowered by the exporter when upstream refuses a size.
+                working_max_request_bytes: self
+                    .pipeline
+                    .upstream()
+                    .map_or(self.fixed.working_max_request_bytes, |u| u.working_limit()),
                 concurrency: self.fixed.concurrency,
             }
         });
@@ -160,7 +177,24 @@ impl StatusSource {
                 bucket_bounds_ms: BOUNDS_MS.to_vec(),
                 bucket_counts: counts,
             }),
-            resource_attributes: Vec::new(),
+            resource_attributes: self.resource.as_ref().map_or_else(Vec::new, |r| {
+                let stamping = r.get();
+                let mut attributes: Vec<proto::Attribute> = stamping
+                    .attributes
+                    .iter()
+                    .map(|(key, value)| proto::Attribute {
+                        key: key.clone(),
+                        value: value.clone(),
+                    })
+                    .collect();
+                attributes.sort_by(|a, b| a.key.cmp(&b.key));
+                attributes
+            }),
+            resource_on_conflict: self
+                .resource
+                .as_ref()
+                .map(|r| r.get().on_conflict_str().to_owned())
+                .unwrap_or_default(),
             durability: self.fixed.durability.to_owned(),
         }
     }

@@ -32,7 +32,15 @@ pub fn render(addr: &str, s: &Status) -> String {
         };
         let _ = writeln!(out, "{receiver}: {on}");
     }
+    let _ = writeln!(out, "{}", resource(s));
     let _ = writeln!(out, "upstream: {}", upstream(s));
+    if let Some(u) = &s.upstream {
+        let _ = writeln!(
+            out,
+            "upstream request limit: {} (uncompressed)",
+            bytes(u.working_max_request_bytes)
+        );
+    }
     if let Some(b) = &s.buffer {
         let _ = writeln!(
             out,
@@ -116,6 +124,23 @@ fn sum(counts: &[Count]) -> u64 {
 }
 
 /// "none configured", "http://… (grpc), up" or "… FAILING for …; last error: …".
+/// `resource: k=v, ... (on_conflict keep)`, sorted by key.
+pub fn resource(s: &Status) -> String {
+    if s.resource_on_conflict.is_empty() {
+        return "resource: no attributes stamped".to_owned();
+    }
+    let attributes: Vec<String> = s
+        .resource_attributes
+        .iter()
+        .map(|a| format!("{}={}", a.key, a.value))
+        .collect();
+    format!(
+        "resource: {} (on_conflict {})",
+        attributes.join(", "),
+        s.resource_on_conflict
+    )
+}
+
 pub fn upstream(s: &Status) -> String {
     match upstream_parts(s) {
         (state, Some(error)) => format!("{state}; last error: {error}"),
