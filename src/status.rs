@@ -14,6 +14,9 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
 use crate::admin::proto;
 use crate::batch::unix_ms;
 use crate::reloadable::Reloadable;
@@ -150,6 +153,7 @@ impl StatusSource {
                 bytes: budget.used(),
                 max_bytes: self.fixed.buffer_max_bytes,
                 items: budget.items(),
+                // There is no item limit (buffer.max_bytes bounds memory).
                 max_items: 0,
                 queued_batches: self.pipeline.queued_batches() as u64,
             }),
@@ -200,24 +204,20 @@ impl StatusSource {
     }
 }
 
+/// A counter family labelled by signal, and by signal and one more label.
+type PerSignal = Family<[(&'static str, &'static str); 1], Counter>;
+type PerSignalAnd = Family<[(&'static str, &'static str); 2], Counter>;
+
 /// One signal's counters, read without creating label sets (so /metrics
 /// does not grow zero series because someone asked for a status).
 fn signal_totals(m: &Metrics, s: Signal, buffered: u64, spooled_now: u64) -> proto::SignalTotals {
     let name = s.as_str();
-    let read = |family: &prometheus_client::metrics::family::Family<
-        [(&'static str, &'static str); 2],
-        prometheus_client::metrics::counter::Counter,
-    >,
-                key: &'static str,
-                value: &'static str| {
+    let read = |family: &PerSignalAnd, key: &'static str, value: &'static str| {
         family
             .get(&[("signal", name), (key, value)])
             .map_or(0, |c| c.get())
     };
-    let one = |family: &prometheus_client::metrics::family::Family<
-        [(&'static str, &'static str); 1],
-        prometheus_client::metrics::counter::Counter,
-    >| family.get(&[("signal", name)]).map_or(0, |c| c.get());
+    let one = |family: &PerSignal| family.get(&[("signal", name)]).map_or(0, |c| c.get());
     proto::SignalTotals {
         signal: name.to_owned(),
         accepted_items_total: read(&m.received_items, "outcome", "accepted"),

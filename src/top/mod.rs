@@ -22,6 +22,7 @@ use crate::admin::client;
 use crate::admin::proto::Status;
 use crate::commands::CommandError;
 
+pub mod draw;
 pub mod view;
 
 #[cfg(test)]
@@ -54,7 +55,7 @@ pub async fn once(addr: SocketAddr, interval: Duration) -> Result<String, Comman
         Connection::Live,
         interval,
     );
-    Ok(view::text(&v))
+    Ok(draw::text(&v))
 }
 
 /// The next snapshot of `stream`, within `deadline`.
@@ -186,7 +187,7 @@ impl Screen {
             interval,
         );
         self.terminal
-            .draw(|f| view::draw(f, &v))
+            .draw(|f| draw::draw(f, &v))
             .map_err(CommandError::Stdout)?;
         Ok(())
     }

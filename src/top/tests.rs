@@ -5,7 +5,8 @@ use std::time::Duration;
 use ratatui::backend::TestBackend;
 use ratatui::Terminal;
 
-use super::view::{self, bar, drain_estimate, Connection, View};
+use super::draw::{self, bar};
+use super::view::{drain_estimate, Connection, View};
 use crate::admin::proto;
 
 fn totals(signal: &str, accepted: u64, forwarded: u64) -> proto::SignalTotals {
@@ -62,8 +63,8 @@ fn snapshot(uptime_ms: u64, accepted: u64, forwarded: u64) -> proto::Status {
 /// The view drawn on a 110×24 test terminal, as text lines.
 fn screen(v: &View) -> Vec<String> {
     let mut terminal = Terminal::new(TestBackend::new(110, 24)).expect("test terminal");
-    terminal.draw(|f| view::draw(f, v)).expect("draw");
-    view::buffer_text(terminal.backend().buffer())
+    terminal.draw(|f| draw::draw(f, v)).expect("draw");
+    draw::buffer_text(terminal.backend().buffer())
         .lines()
         .map(str::to_owned)
         .collect()
