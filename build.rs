@@ -13,7 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute(".telespool.admin.v1", "#[derive(serde::Serialize)]")
         .field_attribute(
             ".telespool.admin.v1.Status.phase",
-            "#[serde(serialize_with = \"crate::status::json::phase\")]",
+            "#[serde(serialize_with = \"crate::api::json::phase\")]",
         )
         .compile_fds(files)?;
     Ok(())

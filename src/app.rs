@@ -231,7 +231,7 @@ pub async fn run(
         pipeline: pipeline.clone(),
         status: crate::status::StatusSource::new(
             &config,
-            crate::status::listeners_of(&listeners),
+            listeners_of(&listeners),
             metrics.clone(),
             pipeline.clone(),
         )
@@ -558,4 +558,32 @@ fn start_pipeline_tasks(agent: &Agent) {
                 .run_replay_worker(agent.stop_background.clone(), agent.tokens.force.clone()),
         );
     }
+}
+
+/// The listeners of `l` (and the admin listener) as the snapshot lists them.
+pub fn listeners_of(l: &Listeners) -> Vec<crate::api::Listener> {
+    let tcp = |l: &Option<tokio::net::TcpListener>| {
+        l.as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.to_string())
+    };
+    let unix = |l: &Option<UnixSocketListener>| {
+        l.as_ref().map(|l| l.path().display().to_string())
+    };
+    [
+        ("grpc", "tcp", tcp(&l.grpc)),
+        ("grpc", "unix", unix(&l.grpc_unix)),
+        ("http", "tcp", tcp(&l.http)),
+        ("http", "unix", unix(&l.http_unix)),
+        ("admin", "tcp", tcp(&l.admin)),
+    ]
+    .into_iter()
+    .filter_map(|(receiver, transport, address)| {
+        Some(crate::api::Listener {
+            receiver: receiver.to_owned(),
+            transport: transport.to_owned(),
+            address: address?,
+        })
+    })
+    .collect()
 }

@@ -23,15 +23,16 @@
 //! ```text
 //! layer      modules
 //! app        app
-//! lifecycle  shutdown reload systemd commands cli
+//! lifecycle  shutdown reload systemd commands cli manual top
 //! edges      receiver admin
-//! pipeline   pipeline
+//! pipeline   pipeline status
 //! stages     batch queue spool durable exporter resource
-//! leaves     signal config reloadable task activation retry wire metrics tls buffer
+//! leaves     signal config reloadable task activation api retry wire metrics tls buffer
 //! ```
 #![forbid(unsafe_code)]
 
 pub mod activation;
+pub mod api;
 pub mod admin;
 pub mod app;
 pub mod batch;

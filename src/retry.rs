@@ -21,7 +21,40 @@ use std::time::{Duration, SystemTime};
 use rand::Rng;
 use tonic::Code;
 
-use crate::exporter::{Cause, ExportFailure};
+/// Who said no, as the retry policy needs to know it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// A gRPC upstream answered with this status.
+    Grpc(tonic::Code),
+    /// An OTLP/HTTP upstream answered with this HTTP status.
+    Http(u16),
+    /// No answer: not reachable, connection reset, stream cut. Upstream did
+    /// not refuse the batch.
+    NoAnswer,
+    /// No answer within `upstream.timeout`.
+    Timeout,
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cause::Grpc(code) => write!(f, "gRPC {code:?}"),
+            Cause::Http(status) => write!(f, "HTTP {status}"),
+            Cause::NoAnswer => f.write_str("no answer"),
+            Cause::Timeout => f.write_str("timeout"),
+        }
+    }
+}
+
+/// A failed export, with what the retry policy needs to know.
+#[derive(Debug, Clone)]
+pub struct ExportFailure {
+    pub cause: Cause,
+    pub message: String,
+    /// The server's `RetryInfo` delay or `Retry-After`, if it sent one.
+    pub retry_after: Option<Duration>,
+}
+
 
 /// What to do with a batch after a failed export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

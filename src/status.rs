@@ -17,7 +17,7 @@ use std::time::{Instant, SystemTime};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
-use crate::admin::proto;
+use crate::api as proto;
 use crate::batch::unix_ms;
 use crate::reloadable::Reloadable;
 use crate::resource::Stamping;
@@ -247,50 +247,4 @@ fn signal_totals(m: &Metrics, s: Signal, buffered: u64, spooled_now: u64) -> pro
     }
 }
 
-/// The listeners of `l` (and the admin listener) as the snapshot lists them.
-pub fn listeners_of(l: &crate::app::Listeners) -> Vec<proto::Listener> {
-    let tcp = |l: &Option<tokio::net::TcpListener>| {
-        l.as_ref()
-            .and_then(|l| l.local_addr().ok())
-            .map(|a| a.to_string())
-    };
-    let unix = |l: &Option<crate::receiver::unix_socket::UnixSocketListener>| {
-        l.as_ref().map(|l| l.path().display().to_string())
-    };
-    [
-        ("grpc", "tcp", tcp(&l.grpc)),
-        ("grpc", "unix", unix(&l.grpc_unix)),
-        ("http", "tcp", tcp(&l.http)),
-        ("http", "unix", unix(&l.http_unix)),
-        ("admin", "tcp", tcp(&l.admin)),
-    ]
-    .into_iter()
-    .filter_map(|(receiver, transport, address)| {
-        Some(proto::Listener {
-            receiver: receiver.to_owned(),
-            transport: transport.to_owned(),
-            address: address?,
-        })
-    })
-    .collect()
-}
-
-/// Helpers for `telespool status --json` (serde on the generated types).
-pub mod json {
-    /// The phase as its name (`"serving"`), not its proto number.
-    pub fn phase<S: serde::Serializer>(phase: &i32, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(super::phase_name(*phase))
-    }
-}
-
-/// A short lower-case name for a phase number, as `status` prints it.
-pub fn phase_name(phase: i32) -> &'static str {
-    match Phase::try_from(phase) {
-        Ok(Phase::Serving) => "serving",
-        Ok(Phase::DrainingRequests) => "draining_requests",
-        Ok(Phase::Flushing) => "flushing",
-        Ok(Phase::Spooling) => "spooling",
-        Ok(Phase::Closing) => "closing",
-        Ok(Phase::Unspecified) | Err(_) => "unknown",
-    }
-}
+pub use crate::api::phase_name;

@@ -16,14 +16,10 @@ use tokio_util::sync::CancellationToken;
 use crate::pipeline::Pipeline;
 use crate::status::StatusSource;
 
-pub mod client;
 pub mod grpc;
 
 /// The messages and the client/server of `proto/telespool/admin/v1/admin.proto`.
-pub mod proto {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("telespool.admin.v1");
-}
+pub use crate::api as proto;
 
 /// What the admin endpoints read.
 pub struct AdminState {

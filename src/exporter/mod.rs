@@ -20,7 +20,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use ::http::HeaderMap;
 use bytes::Bytes;
@@ -98,39 +97,7 @@ pub fn read_headers_file(
     Ok(headers)
 }
 
-/// Who said no, as the retry policy needs to know it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cause {
-    /// A gRPC upstream answered with this status.
-    Grpc(tonic::Code),
-    /// An OTLP/HTTP upstream answered with this HTTP status.
-    Http(u16),
-    /// No answer: not reachable, connection reset, stream cut. Upstream did
-    /// not refuse the batch.
-    NoAnswer,
-    /// No answer within `upstream.timeout`.
-    Timeout,
-}
-
-impl std::fmt::Display for Cause {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Cause::Grpc(code) => write!(f, "gRPC {code:?}"),
-            Cause::Http(status) => write!(f, "HTTP {status}"),
-            Cause::NoAnswer => f.write_str("no answer"),
-            Cause::Timeout => f.write_str("timeout"),
-        }
-    }
-}
-
-/// A failed export, with what the retry policy needs to know.
-#[derive(Debug, Clone)]
-pub struct ExportFailure {
-    pub cause: Cause,
-    pub message: String,
-    /// The server's `RetryInfo` delay or `Retry-After`, if it sent one.
-    pub retry_after: Option<Duration>,
-}
+pub use crate::retry::{Cause, ExportFailure};
 
 /// A successful export; `rejected` items were refused by upstream in a
 /// partial-success reply and are not retried.

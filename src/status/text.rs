@@ -4,7 +4,7 @@
 use std::fmt::Write;
 use std::time::Duration;
 
-use crate::admin::proto::{Count, Status};
+use crate::api::{Count, Status};
 
 /// The snapshot from the agent at `addr`, for a person.
 pub fn render(addr: &str, s: &Status) -> String {
@@ -111,11 +111,11 @@ pub fn render(addr: &str, s: &Status) -> String {
     out
 }
 
-fn refused(t: &crate::admin::proto::SignalTotals) -> &[Count] {
+fn refused(t: &crate::api::SignalTotals) -> &[Count] {
     &t.refused_requests_total
 }
 
-fn dropped(t: &crate::admin::proto::SignalTotals) -> &[Count] {
+fn dropped(t: &crate::api::SignalTotals) -> &[Count] {
     &t.dropped_items_total
 }
 
@@ -209,7 +209,7 @@ pub fn duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin::proto;
+    use crate::api;
 
     fn snapshot() -> Status {
         Status {

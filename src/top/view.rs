@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use crate::admin::proto::{Count, SignalTotals, Status};
+use crate::api::{Count, SignalTotals, Status};
 use crate::metrics::latency::quantile_ms;
 use crate::status::text::{bytes, duration, percent};
 

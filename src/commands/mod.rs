@@ -11,6 +11,8 @@ use prost::Message;
 use crate::signal::Signal;
 use crate::spool;
 
+pub mod admin_client;
+
 /// Why an operator command failed; the message says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -37,7 +39,7 @@ pub enum CommandError {
 /// `telespool status`: the agent's `GetStatus` snapshot, as text for a
 /// person or (`json`) as JSON with the proto's field names.
 pub async fn status(addr: SocketAddr, json: bool) -> Result<String, CommandError> {
-    let snapshot = crate::admin::client::get_status(addr).await?;
+    let snapshot = crate::commands::admin_client::get_status(addr).await?;
     match json {
         true => {
             let mut text = serde_json::to_string_pretty(&snapshot).map_err(CommandError::Json)?;

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
-use super::proto::admin_client::AdminClient;
-use super::proto::{GetStatusRequest, Status, WatchRequest};
+use crate::api::admin_client::AdminClient;
+use crate::api::{GetStatusRequest, Status, WatchRequest};
 use crate::commands::CommandError;
 
 /// How long a command waits for the agent to connect and to answer.
