@@ -58,6 +58,10 @@ const EXIT_DEADLINE: Duration = Duration::from_secs(30);
 const OVERLOAD_BUFFER: u64 = 64 << 20;
 const RSS_ALLOWANCE: u64 = 32 << 20;
 
+/// `typical-stamped`: three static attributes, as an operator would stamp them.
+const STAMPED: &str = "[resource]\nattributes = { \"deployment.environment\" = \"production\", \
+    \"k8s.cluster.name\" = \"eu-west-1-prod\", \"host.name\" = \"node-0042.example.internal\" }\n";
+
 const USAGE: &str = "\
 usage: cargo bench --bench e2e -- [options]
 
@@ -86,6 +90,10 @@ const SCENARIOS: &[(&str, &str)] = &[
     (
         "typical-nogzip",
         "typical, with upstream.compression = \"none\"",
+    ),
+    (
+        "typical-stamped",
+        "typical, with three [resource] attributes stamped on every request (compare with typical in the same run)",
     ),
     (
         "typical-http",
@@ -679,7 +687,7 @@ fn scenario_spec(name: &str, quick: bool) -> LoadSpec {
             http: true,
             ..spec(Signal::Traces, 100, 200)
         },
-        // "typical", "typical-nogzip", "sink"
+        // "typical", "typical-nogzip", "typical-stamped", "sink"
         _ => spec(Signal::Traces, 100, 200),
     }
 }
@@ -744,6 +752,7 @@ async fn throughput(
             "durability = \"spool\"\n[spool]\nsynchronous = \"full\"\n".to_owned(),
             None,
         ),
+        "typical-stamped" => (STAMPED.to_owned(), None),
         "typical-uds" => {
             let path = dir.path().join("otlp.sock");
             let extra = format!(

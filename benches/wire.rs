@@ -9,6 +9,12 @@
 //! - `walk_only`: the walk without the copy, to separate the two costs.
 //!
 //! Throughput is in spans, so criterion reports time per span.
+//!
+//! The `stamp_64_requests` group measures the `[resource]` stamp against the
+//! plain walk, per request as the receiver does it: `walk` alone, then
+//! `walk_stamp_keep` / `walk_stamp_replace` (three attributes, one of which,
+//! `service.name`, the request already has: kept, or cut out and replaced),
+//! and `prost_decode_stamp_encode`, what a decoding agent would do.
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -19,6 +25,7 @@ use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 use std::hint::black_box;
 use telespool::signal::Signal;
+use telespool::wire::stamp::{Conflict, Stamp};
 use telespool::wire::walk;
 
 const REQUESTS_PER_BATCH: usize = 64;
@@ -131,5 +138,79 @@ fn bench_wire(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_wire);
+fn stamp_attributes() -> Vec<(String, String)> {
+    [
+        ("deployment.environment", "production"),
+        ("k8s.cluster.name", "eu-west-1-prod"),
+        ("service.name", "from-the-agent"),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .to_vec()
+}
+
+fn walk_stamp(bodies: &[Bytes], stamp: &Stamp) -> usize {
+    let mut len = 0;
+    for body in bodies {
+        walk(Signal::Traces, body).expect("valid request");
+        len += stamp
+            .apply(Signal::Traces, body, usize::MAX)
+            .expect("stamps")
+            .len();
+    }
+    len
+}
+
+fn decode_stamp_encode(bodies: &[Bytes]) -> usize {
+    let mut len = 0;
+    for body in bodies {
+        let mut request = ExportTraceServiceRequest::decode(body.clone()).expect("valid request");
+        for entry in &mut request.resource_spans {
+            let resource = entry.resource.get_or_insert_with(Resource::default);
+            for (key, value) in stamp_attributes() {
+                if !resource.attributes.iter().any(|kv| kv.key == key) {
+                    resource.attributes.push(string_kv(&key, value));
+                }
+            }
+        }
+        len += request.encode_to_vec().len();
+    }
+    len
+}
+
+fn bench_stamp(c: &mut Criterion) {
+    let mut group = c.benchmark_group("stamp_64_requests");
+    let keep = Stamp::new(&stamp_attributes(), Conflict::Keep);
+    let replace = Stamp::new(&stamp_attributes(), Conflict::Replace);
+    for spans in [10usize, 100] {
+        let bodies: Vec<Bytes> = (0..REQUESTS_PER_BATCH)
+            .map(|seed| Bytes::from(request(spans, seed).encode_to_vec()))
+            .collect();
+        group.throughput(Throughput::Elements((spans * REQUESTS_PER_BATCH) as u64));
+        group.bench_with_input(BenchmarkId::new("walk", spans), &bodies, |b, bodies| {
+            b.iter(|| {
+                for body in black_box(bodies) {
+                    black_box(walk(Signal::Traces, body).expect("valid request"));
+                }
+            })
+        });
+        group.bench_with_input(
+            BenchmarkId::new("walk_stamp_keep", spans),
+            &bodies,
+            |b, bodies| b.iter(|| walk_stamp(black_box(bodies), &keep)),
+        );
+        group.bench_with_input(
+            BenchmarkId::new("walk_stamp_replace", spans),
+            &bodies,
+            |b, bodies| b.iter(|| walk_stamp(black_box(bodies), &replace)),
+        );
+        group.bench_with_input(
+            BenchmarkId::new("prost_decode_stamp_encode", spans),
+            &bodies,
+            |b, bodies| b.iter(|| decode_stamp_encode(black_box(bodies))),
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_wire, bench_stamp);
 criterion_main!(benches);

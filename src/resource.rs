@@ -112,17 +112,11 @@ pub struct StampingHandle {
 
 impl StampingHandle {
     pub fn new(stamping: Stamping, metrics: Arc<Metrics>) -> StampingHandle {
-        let handle = StampingHandle {
-            current: Reloadable::new(Stamping {
-                attributes: Vec::new(),
-                on_conflict: stamping.on_conflict,
-                left_out: Vec::new(),
-                stamp: Stamp::new(&[], Conflict::Keep),
-            }),
+        record(&metrics, &stamping);
+        StampingHandle {
+            current: Reloadable::new(stamping),
             metrics,
-        };
-        handle.set(stamping);
-        handle
+        }
     }
 
     /// The value the receiver reads on every request.
@@ -130,22 +124,26 @@ impl StampingHandle {
         self.current.clone()
     }
 
-    /// Swap in a newly loaded stamping (SIGHUP).
+    /// Swap in a newly loaded stamping (SIGHUP); requests in flight keep theirs.
     pub fn set(&self, stamping: Stamping) {
-        tracing::info!(
-            attributes = %stamping
-                .attributes
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(","),
-            on_conflict = stamping.on_conflict_str(),
-            "resource attributes in effect"
-        );
-        self.metrics
-            .resource_in_effect(&stamping.attributes, stamping.on_conflict_str());
+        record(&self.metrics, &stamping);
         self.current.set(stamping);
     }
+}
+
+/// Log the attributes in effect and publish them as a metric.
+fn record(metrics: &Metrics, stamping: &Stamping) {
+    let listed: Vec<String> = stamping
+        .attributes
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    tracing::info!(
+        attributes = %listed.join(","),
+        on_conflict = stamping.on_conflict_str(),
+        "resource attributes in effect"
+    );
+    metrics.resource_in_effect(&stamping.attributes, stamping.on_conflict_str());
 }
 
 #[cfg(test)]

@@ -29,6 +29,9 @@
 //! limit to enforce. It never allocates and never panics: every read is a
 //! checked slice access and lengths are compared as `u64` before any addition.
 //!
+//! [`stamp`] adds `[resource]` attributes to a body the walk accepted, on the
+//! bytes as well (its own design note says how).
+//!
 //! Offsets in errors are absolute positions in the walked buffer: errors about
 //! a field (bad field number, group, wrong wire type, a value running past the
 //! end of its message) point at the field's tag; errors in a varint itself

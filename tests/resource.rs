@@ -346,3 +346,23 @@ async fn status_lists_the_attributes_and_a_sighup_detects_them_again() {
         "telespool-test",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_resource_table_the_apps_resources_arrive_as_sent() {
+    let upstream = Upstream::start().await;
+    let agent = start_agent(&upstream, "").await;
+    for signal in Signal::ALL {
+        let ids = fresh_ids(5);
+        ok(send(agent.grpc_addr(), signal, &ids).await);
+        ok(upstream.wait_for_ids(signal, &id_set(&ids), DEADLINE).await);
+        for entry in upstream.received_entries(signal) {
+            let expected = vec![("service.name".to_owned(), "telespool-test".to_owned())];
+            assert_eq!(entry.attributes, expected, "{signal}");
+        }
+    }
+    let (_, metrics) = ok(agent.admin_get("/metrics").await);
+    assert!(
+        !metrics.contains("telespool_resource_attribute_info{"),
+        "no attributes in effect"
+    );
+}
