@@ -133,7 +133,7 @@ const SCENARIOS: &[(&str, &str)] = &[
     ),
     (
         "compression-http",
-        "the same over an OTLP/HTTP upstream (upstream.protocol = \"http/protobuf\", the lean sink's /v1/*)",
+        "the same over an OTLP/HTTP upstream (upstream.protocol = \"http/protobuf\", the lean sink's /v1/*); the baseline sends over OTLP/HTTP straight to the sink",
     ),
 ];
 
@@ -472,15 +472,26 @@ fn rates(report: &LoadReport, started: Instant, delivered_at: Option<Instant>) -
 
 /// Sends the load straight to the sink.
 async fn baseline(sink: &Sink, spec: &LoadSpec, bodies: &Arc<Bodies>) -> Figures {
+    // The baseline sends over gRPC (the harness Upstream speaks nothing else).
+    baseline_to(sink, sink.addr(), false, spec, bodies).await
+}
+
+/// Sends the load straight to the sink at `addr`, over OTLP/HTTP or gRPC.
+async fn baseline_to(
+    sink: &Sink,
+    addr: SocketAddr,
+    http: bool,
+    spec: &LoadSpec,
+    bodies: &Arc<Bodies>,
+) -> Figures {
     sink.clear();
     let started = Instant::now();
-    // The sinks speak OTLP/gRPC only: the baseline always sends over gRPC.
-    let grpc_spec = LoadSpec {
-        http: false,
+    let direct_spec = LoadSpec {
+        http,
         channel: None,
         ..spec.clone()
     };
-    let report = load::run(sink.addr(), &grpc_spec, bodies.clone()).await;
+    let report = load::run(addr, &direct_spec, bodies.clone()).await;
     let delivered_at = wait_delivered(sink, spec.signal, report.acked_items).await;
     let (items_s, mb_s) = rates(&report, started, delivered_at);
     Figures {
@@ -1086,9 +1097,20 @@ async fn compression(
 ) -> Result<Vec<Row>, String> {
     let http = name == "compression-http";
     let lean = LeanSink::start().await;
-    let http_endpoint = format!("http://{}", lean.http_addr());
+    let http_addr = lean.http_addr();
+    let http_endpoint = format!("http://{http_addr}");
     let sink = Sink::Lean(lean);
-    let base = baseline(&sink, spec, bodies).await;
+    // Baseline: the load straight to the sink over the upstream's protocol.
+    let base = match http {
+        true => baseline_to(&sink, http_addr, true, spec, bodies).await,
+        false => baseline(&sink, spec, bodies).await,
+    };
+    eprintln!(
+        "[e2e] {name} baseline ({}): {:.0} items/s, {}",
+        if http { "OTLP/HTTP" } else { "gRPC" },
+        base.items_s,
+        base.delivered.text(base.acked)
+    );
     let mut rows: Vec<Row> = Vec::new();
     for c in &options.compressions {
         let (endpoint, config) = match http {
