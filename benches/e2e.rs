@@ -32,6 +32,8 @@ mod support;
 mod load;
 #[path = "e2e/procfs.rs"]
 mod procfs;
+#[path = "e2e/realistic.rs"]
+mod realistic;
 #[path = "e2e/sink.rs"]
 mod sink;
 
@@ -72,7 +74,13 @@ usage: cargo bench --bench e2e -- [options]
   --bin PATH           telespool binary (default target/release/telespool)
   --sink lean|upstream sink for the throughput scenarios (default lean)
   load overrides for the throughput scenarios:
-  --signal traces|metrics|logs  --concurrency N  --items N  --payload BYTES
+  --signal traces|metrics|logs  --concurrency N  --items N
+  --payload realistic|synthetic|BYTES
+                       realistic: HTTP-server-like spans, logs and metrics
+                       (benches/e2e/realistic.rs); synthetic (today's items)
+                       with a BYTES-long extra string attribute
+  --compression LIST   compression-grpc/-http: the upstream compressions to
+                       run (default none,gzip,zstd)
   --requests N         request count cap
   --duration SECS      duration cap
   --rate REQ_PER_S     rate cap over all clients";
@@ -127,6 +135,14 @@ const SCENARIOS: &[(&str, &str)] = &[
         "overload",
         "32 clients of 1000-span requests into a stalled sink; buffer.max_bytes = 64MiB",
     ),
+    (
+        "compression-grpc",
+        "realistic typical load, upstream.compression none / gzip / zstd (--compression) over a gRPC upstream: CPU per million spans as ratios against none, and the compression ratio",
+    ),
+    (
+        "compression-http",
+        "the same over an OTLP/HTTP upstream (upstream.protocol = \"http/protobuf\", the lean sink's /v1/*); the baseline sends over OTLP/HTTP straight to the sink",
+    ),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,6 +157,7 @@ struct Overrides {
     concurrency: Option<usize>,
     items: Option<usize>,
     payload: Option<usize>,
+    realistic: Option<bool>,
     requests: Option<usize>,
     duration: Option<Duration>,
     rate: Option<f64>,
@@ -154,6 +171,8 @@ struct Options {
     bin: PathBuf,
     sink: SinkKind,
     overrides: Overrides,
+    /// Upstream compressions of the compression-* scenarios.
+    compressions: Vec<String>,
 }
 
 fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
@@ -164,6 +183,7 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
         bin: default_bin(),
         sink: SinkKind::Lean,
         overrides: Overrides::default(),
+        compressions: ["none", "gzip", "zstd"].map(str::to_owned).to_vec(),
     };
     let mut it = args.iter();
     fn value<'a>(it: &mut impl Iterator<Item = &'a String>, flag: &str) -> Result<&'a str, String> {
@@ -211,7 +231,23 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
             }
             "--concurrency" => o.overrides.concurrency = Some(num(value(&mut it, a)?, a)?),
             "--items" => o.overrides.items = Some(num(value(&mut it, a)?, a)?),
-            "--payload" => o.overrides.payload = Some(num(value(&mut it, a)?, a)?),
+            "--payload" => match value(&mut it, a)? {
+                "realistic" => o.overrides.realistic = Some(true),
+                "synthetic" => o.overrides.realistic = Some(false),
+                v => {
+                    o.overrides.payload = Some(num(v, a)?);
+                    o.overrides.realistic = Some(false);
+                }
+            },
+            "--compression" => {
+                o.compressions = Vec::new();
+                for c in value(&mut it, a)?.split(',') {
+                    match c {
+                        "none" | "gzip" | "zstd" => o.compressions.push(c.to_owned()),
+                        v => return Err(format!("--compression: {v:?} is not none, gzip or zstd")),
+                    }
+                }
+            }
             "--requests" => o.overrides.requests = Some(num(value(&mut it, a)?, a)?),
             "--duration" => {
                 o.overrides.duration = Some(Duration::from_secs_f64(num(value(&mut it, a)?, a)?))
@@ -344,11 +380,8 @@ impl Delivery {
         let mut seen = vec![0u32; total];
         let mut d = Delivery::default();
         for &id in received {
-            match id
-                .checked_sub(bodies.first_id)
-                .filter(|&i| (i as usize) < total)
-            {
-                Some(i) => seen[i as usize] += 1,
+            match bodies.index_of(id) {
+                Some(i) => seen[i] += 1,
                 None => d.unacked += 1,
             }
         }
@@ -447,15 +480,26 @@ fn rates(report: &LoadReport, started: Instant, delivered_at: Option<Instant>) -
 
 /// Sends the load straight to the sink.
 async fn baseline(sink: &Sink, spec: &LoadSpec, bodies: &Arc<Bodies>) -> Figures {
+    // The baseline sends over gRPC (the harness Upstream speaks nothing else).
+    baseline_to(sink, sink.addr(), false, spec, bodies).await
+}
+
+/// Sends the load straight to the sink at `addr`, over OTLP/HTTP or gRPC.
+async fn baseline_to(
+    sink: &Sink,
+    addr: SocketAddr,
+    http: bool,
+    spec: &LoadSpec,
+    bodies: &Arc<Bodies>,
+) -> Figures {
     sink.clear();
     let started = Instant::now();
-    // The sinks speak OTLP/gRPC only: the baseline always sends over gRPC.
-    let grpc_spec = LoadSpec {
-        http: false,
+    let direct_spec = LoadSpec {
+        http,
         channel: None,
         ..spec.clone()
     };
-    let report = load::run(sink.addr(), &grpc_spec, bodies.clone()).await;
+    let report = load::run(addr, &direct_spec, bodies.clone()).await;
     let delivered_at = wait_delivered(sink, spec.signal, report.acked_items).await;
     let (items_s, mb_s) = rates(&report, started, delivered_at);
     Figures {
@@ -475,10 +519,10 @@ fn agent_config(compression: &str, extra: &str) -> String {
     format!("{extra}\n[upstream]\ncompression = \"{compression}\"\n")
 }
 
-async fn start_agent(bin: &Path, sink: &Sink, config: &str) -> Result<AgentProcess, String> {
+async fn start_agent(bin: &Path, endpoint: &str, config: &str) -> Result<AgentProcess, String> {
     AgentProcess::builder()
         .program(bin, &[])
-        .upstream(&sink.endpoint())
+        .upstream(endpoint)
         .config_toml(config)
         .start()
         .await
@@ -511,8 +555,26 @@ async fn through_telespool<F>(
 where
     F: std::future::Future<Output = ()>,
 {
+    through_telespool_to(options, sink, None, config, spec, bodies, during).await
+}
+
+/// [`through_telespool`] with the agent's `upstream.endpoint` given (default:
+/// the sink's gRPC address).
+async fn through_telespool_to<F>(
+    options: &Options,
+    sink: &Sink,
+    endpoint: Option<String>,
+    config: &str,
+    spec: &LoadSpec,
+    bodies: &Arc<Bodies>,
+    during: F,
+) -> Result<Figures, String>
+where
+    F: std::future::Future<Output = ()>,
+{
     sink.clear();
-    let mut agent = start_agent(&options.bin, sink, config).await?;
+    let endpoint = endpoint.unwrap_or_else(|| sink.endpoint());
+    let mut agent = start_agent(&options.bin, &endpoint, config).await?;
     let pid = agent.pid();
     let ticks = procfs::clock_ticks();
     let cpu0 = procfs::cpu_time(pid, ticks)?;
@@ -560,6 +622,9 @@ struct Row {
     notes: Vec<String>,
     /// The overload scenario's verdict on peak RSS.
     rss_bound: Option<(u64, bool)>,
+    /// compression-* scenarios: the upstream compression and the ratio
+    /// (decompressed / wire bytes) the sink saw.
+    compression: Option<(String, f64)>,
 }
 
 fn ms(d: Duration) -> String {
@@ -590,6 +655,16 @@ fn print_row(row: &Row, spec: &LoadSpec, bodies: &Bodies) {
         spec.rate
             .map(|r| format!(", rate cap {r} req/s"))
             .unwrap_or_default()
+    );
+    let _ = writeln!(
+        s,
+        "   payload  : {}; {}",
+        if bodies.realistic {
+            "realistic"
+        } else {
+            "synthetic"
+        },
+        bodies.compression_text()
     );
     let _ = writeln!(
         s,
@@ -644,6 +719,7 @@ fn scenario_spec(name: &str, quick: bool) -> LoadSpec {
         concurrency: 8,
         items,
         payload,
+        realistic: false,
         requests: items_per_run / items,
         duration,
         rate: None,
@@ -687,6 +763,10 @@ fn scenario_spec(name: &str, quick: bool) -> LoadSpec {
             http: true,
             ..spec(Signal::Traces, 100, 200)
         },
+        "compression-grpc" | "compression-http" => LoadSpec {
+            realistic: true,
+            ..spec(Signal::Traces, 100, 200)
+        },
         // "typical", "typical-nogzip", "typical-stamped", "sink"
         _ => spec(Signal::Traces, 100, 200),
     }
@@ -705,6 +785,9 @@ fn apply(mut spec: LoadSpec, o: &Overrides) -> LoadSpec {
     }
     if let Some(v) = o.payload {
         spec.payload = v;
+    }
+    if let Some(v) = o.realistic {
+        spec.realistic = v;
     }
     if let Some(v) = o.requests {
         spec.requests = v.max(1);
@@ -794,6 +877,7 @@ async fn throughput(
             extra.replace('\n', " ")
         )],
         rss_bound: None,
+        compression: None,
     })
 }
 
@@ -825,6 +909,7 @@ async fn sink_calibration(spec: &LoadSpec, bodies: &Arc<Bodies>) -> Row {
             note,
         ],
         rss_bound: None,
+        compression: None,
     }
 }
 
@@ -888,6 +973,7 @@ async fn soak(options: &Options, spec: &LoadSpec, bodies: &Arc<Bodies>) -> Resul
             "sink down every other {turn:?}; the agent's summary line gives items spooled and replayed"
         )],
         rss_bound: None,
+        compression: None,
     })
 }
 
@@ -935,6 +1021,7 @@ async fn outage(options: &Options, spec: &LoadSpec, bodies: &Arc<Bodies>) -> Res
              upstream.retry.max_backoff = 2s; the generator does not retry refused calls"
         )],
         rss_bound: None,
+        compression: None,
     })
 }
 
@@ -1003,7 +1090,104 @@ async fn overload(options: &Options, spec: &LoadSpec, bodies: &Arc<Bodies>) -> R
             ),
         ],
         rss_bound: Some((bound, peak <= bound)),
+        compression: None,
     })
+}
+
+/// The same realistic load through telespool once per upstream compression
+/// (`--compression`, default none, gzip, zstd), over a gRPC or an OTLP/HTTP
+/// upstream, against one baseline; each row notes its CPU per million items
+/// as a ratio against `none` and the compression ratio the sink saw.
+async fn compression(
+    options: &Options,
+    name: &str,
+    spec: &LoadSpec,
+    bodies: &Arc<Bodies>,
+) -> Result<Vec<Row>, String> {
+    let http = name == "compression-http";
+    let lean = LeanSink::start().await;
+    let http_addr = lean.http_addr();
+    let http_endpoint = format!("http://{http_addr}");
+    let sink = Sink::Lean(lean);
+    // Baseline: the load straight to the sink over the upstream's protocol.
+    let base = match http {
+        true => baseline_to(&sink, http_addr, true, spec, bodies).await,
+        false => baseline(&sink, spec, bodies).await,
+    };
+    eprintln!(
+        "[e2e] {name} baseline ({}): {:.0} items/s, {}",
+        if http { "OTLP/HTTP" } else { "gRPC" },
+        base.items_s,
+        base.delivered.text(base.acked)
+    );
+    let mut rows: Vec<Row> = Vec::new();
+    for c in &options.compressions {
+        let (endpoint, config) = match http {
+            false => (None, format!("[upstream]\ncompression = \"{c}\"\n")),
+            true => (
+                Some(http_endpoint.clone()),
+                format!("[upstream]\nprotocol = \"http/protobuf\"\ncompression = \"{c}\"\n"),
+            ),
+        };
+        let tele =
+            through_telespool_to(options, &sink, endpoint, &config, spec, bodies, async {}).await?;
+        let Sink::Lean(lean) = &sink else {
+            unreachable!("compression scenarios use the lean sink")
+        };
+        let wire_ratio = lean.compression_ratio();
+        rows.push(Row {
+            scenario: format!("{name}:{c}"),
+            base: base.clone(),
+            tele,
+            notes: vec![format!(
+                "upstream {}, upstream.compression = {c:?}: the sink saw a compression ratio of {wire_ratio:.2}",
+                if http { "OTLP/HTTP protobuf" } else { "OTLP/gRPC" }
+            )],
+            rss_bound: None,
+            compression: Some((c.clone(), wire_ratio)),
+        });
+    }
+    let none = rows
+        .iter()
+        .find(|r| r.compression.as_ref().is_some_and(|(c, _)| c == "none"))
+        .and_then(|r| r.tele.cpu_per_m);
+    for row in &mut rows {
+        if let (Some(none), Some(cpu)) = (none, row.tele.cpu_per_m) {
+            row.notes.push(format!(
+                "CPU per million items vs none: {}",
+                ratio(cpu, none)
+            ));
+        }
+    }
+    Ok(rows)
+}
+
+/// The compression-* rows as a table: medians over runs, CPU as a ratio
+/// against `none` of the same scenario.
+fn compression_table(groups: &[(String, Vec<Row>)]) -> Vec<String> {
+    let mut lines = vec![
+        "| upstream, compression | CPU s / M items | CPU vs none | sink compression ratio | telespool items/s | ratio to baseline |".to_owned(),
+        "|---|---|---|---|---|---|".to_owned(),
+    ];
+    let med = |rows: &[Row], f: &dyn Fn(&Row) -> f64| median(rows.iter().map(f).collect());
+    for (name, rows) in groups {
+        let Some((scenario, _)) = name.split_once(':') else {
+            continue;
+        };
+        let none_cpu = groups
+            .iter()
+            .find(|(n, _)| *n == format!("{scenario}:none"))
+            .map(|(_, r)| med(r, &|r| r.tele.cpu_per_m.unwrap_or(f64::NAN)));
+        let cpu = med(rows, &|r| r.tele.cpu_per_m.unwrap_or(f64::NAN));
+        let items = med(rows, &|r| r.tele.items_s);
+        lines.push(format!(
+            "| {name} | {cpu:.2} | {} | {:.2} | {items:.0} | {} |",
+            none_cpu.map_or("n/a".into(), |n| ratio(cpu, n)),
+            med(rows, &|r| r.compression.as_ref().map_or(f64::NAN, |c| c.1)),
+            ratio(items, med(rows, &|r| r.base.items_s)),
+        ));
+    }
+    lines
 }
 
 async fn run_scenario(options: &Options, name: &str) -> Result<Vec<Row>, String> {
@@ -1017,15 +1201,20 @@ async fn run_scenario(options: &Options, name: &str) -> Result<Vec<Row>, String>
         if options.runs > 1 {
             eprintln!("[e2e] {name}: run {run} of {}", options.runs);
         }
-        let row = match name {
-            "sink" => sink_calibration(&spec, &bodies).await,
-            "outage" => outage(options, &spec, &bodies).await?,
-            "soak" => soak(options, &spec, &bodies).await?,
-            "overload" => overload(options, &spec, &bodies).await?,
-            _ => throughput(options, name, &spec, &bodies).await?,
+        let run_rows = match name {
+            "sink" => vec![sink_calibration(&spec, &bodies).await],
+            "outage" => vec![outage(options, &spec, &bodies).await?],
+            "soak" => vec![soak(options, &spec, &bodies).await?],
+            "overload" => vec![overload(options, &spec, &bodies).await?],
+            "compression-grpc" | "compression-http" => {
+                compression(options, name, &spec, &bodies).await?
+            }
+            _ => vec![throughput(options, name, &spec, &bodies).await?],
         };
-        print_row(&row, &spec, &bodies);
-        rows.push(row);
+        for row in run_rows {
+            print_row(&row, &spec, &bodies);
+            rows.push(row);
+        }
     }
     Ok(rows)
 }
@@ -1106,10 +1295,24 @@ async fn run_all(options: &Options) -> Result<(), String> {
         "|---|---|---|---|---|---|---|---|---|---|".to_owned(),
     ];
     let mut failures = Vec::new();
+    let mut compression_groups = Vec::new();
     for name in &names {
         match run_scenario(options, name).await {
             Ok(rows) => {
-                table.push(summary_line(&rows));
+                // One summary line per scenario (compression-*: per compression).
+                let mut groups: Vec<(String, Vec<Row>)> = Vec::new();
+                for row in &rows {
+                    match groups.iter_mut().find(|(n, _)| *n == row.scenario) {
+                        Some((_, g)) => g.push(row.clone()),
+                        None => groups.push((row.scenario.clone(), vec![row.clone()])),
+                    }
+                }
+                for (_, group) in &groups {
+                    table.push(summary_line(group));
+                }
+                if name.starts_with("compression-") {
+                    compression_groups.extend(groups);
+                }
                 for r in &rows {
                     if r.tele.delivered.missing > 0 {
                         failures.push(format!(
@@ -1142,6 +1345,12 @@ async fn run_all(options: &Options) -> Result<(), String> {
     );
     for line in &table {
         println!("{line}");
+    }
+    if !compression_groups.is_empty() {
+        println!("upstream compression (realistic payload unless overridden):");
+        for line in compression_table(&compression_groups) {
+            println!("{line}");
+        }
     }
     println!("total time {:.0?}", started.elapsed());
     if failures.is_empty() {

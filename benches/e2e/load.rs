@@ -20,6 +20,7 @@ use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
 
+use crate::realistic;
 use crate::support::client::RawCodec;
 use crate::support::{ExportRequest, ItemSpec, Signal};
 
@@ -38,6 +39,8 @@ pub struct LoadSpec {
     pub items: usize,
     /// Bytes of the extra string attribute on every item (0: none).
     pub payload: usize,
+    /// Items built by [`crate::realistic`] instead (`payload` then unused).
+    pub realistic: bool,
     /// Request count cap (also how many bodies are pre-built).
     pub requests: usize,
     /// Duration cap: no request starts after this.
@@ -142,6 +145,8 @@ pub struct Bodies {
     pub items: usize,
     pub first_id: u64,
     pub bodies: Vec<Bytes>,
+    /// Items carry [`realistic::mix`] of their counting id.
+    pub realistic: bool,
 }
 
 impl Bodies {
@@ -152,7 +157,11 @@ impl Bodies {
             .map(|j| {
                 let start = first_id + (j * spec.items) as u64;
                 let ids: Vec<u64> = (start..start + spec.items as u64).collect();
-                ExportRequest::build_with(spec.signal, &ids, &item_spec).encode_to_bytes()
+                match spec.realistic {
+                    true => realistic::build(spec.signal, j, &ids),
+                    false => ExportRequest::build_with(spec.signal, &ids, &item_spec),
+                }
+                .encode_to_bytes()
             })
             .collect();
         Bodies {
@@ -160,7 +169,57 @@ impl Bodies {
             items: spec.items,
             first_id,
             bodies,
+            realistic: spec.realistic,
         }
+    }
+
+    /// The index (counting id - `first_id`) of an id a sink received, if it
+    /// is one of these bodies' ids.
+    pub fn index_of(&self, received: u64) -> Option<usize> {
+        let id = match self.realistic {
+            true => realistic::unmix(received),
+            false => received,
+        };
+        let total = (self.bodies.len() * self.items) as u64;
+        id.checked_sub(self.first_id)
+            .filter(|&i| i < total)
+            .map(|i| i as usize)
+    }
+
+    /// Compression ratios (uncompressed / compressed) of the first bodies,
+    /// each compressed on its own as an exporter would: gzip levels 1 and 6,
+    /// zstd levels 1 and 3; and the mean bytes per item.
+    pub fn compression_text(&self) -> String {
+        use std::io::Write as _;
+        let sample = &self.bodies[..self.bodies.len().min(50)];
+        let raw: usize = sample.iter().map(Bytes::len).sum();
+        let gzip = |level| {
+            sample
+                .iter()
+                .map(|b| {
+                    let mut e =
+                        flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
+                    let _ = e.write_all(b);
+                    e.finish().map_or(0, |v| v.len())
+                })
+                .sum::<usize>()
+        };
+        let zstd = |level| {
+            sample
+                .iter()
+                .map(|b| zstd::bulk::compress(b, level).map_or(0, |v| v.len()))
+                .sum::<usize>()
+        };
+        let r = |c: usize| raw as f64 / c.max(1) as f64;
+        format!(
+            "{} B/item; compression ratio gzip-1 {:.2}, gzip-6 {:.2}, zstd-1 {:.2}, zstd-3 {:.2} (first {} requests)",
+            raw / (sample.len() * self.items).max(1),
+            r(gzip(1)),
+            r(gzip(6)),
+            r(zstd(1)),
+            r(zstd(3)),
+            sample.len()
+        )
     }
 
     pub fn mean_len(&self) -> usize {

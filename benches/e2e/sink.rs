@@ -9,6 +9,12 @@
 //! every other field without allocating) and appends the ids to a vector.
 //! The `sink` scenario measures both sinks with the same load.
 //!
+//! It speaks OTLP/gRPC (identity, gzip, zstd) on [`LeanSink::addr`] and
+//! OTLP/HTTP protobuf (`POST /v1/traces|metrics|logs`, `Content-Encoding`
+//! none, gzip or zstd) on [`LeanSink::http_addr`], and counts the bytes that
+//! arrived on the wire next to the decompressed bytes, so a scenario can
+//! print the compression ratio upstream saw.
+//!
 //! Where the id is: spans, `span_id` (big-endian); metric data points and log
 //! records, the one int-valued attribute (`test.id`; the payload attribute is
 //! a string). See `tests/support/ids.rs`.
@@ -20,7 +26,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use bytes::Buf;
+use std::io::Read;
+
+use bytes::{Buf, Bytes};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -223,7 +233,18 @@ pub struct Recorded {
     items: AtomicU64,
     /// Message bytes accepted (after decompression).
     bytes: AtomicU64,
+    /// Request body bytes as they arrived (compressed, gRPC framing included).
+    wire_bytes: AtomicU64,
     requests: AtomicU64,
+}
+
+impl Recorded {
+    fn record(&self, signal: Signal, ids: &[u64], len: usize) {
+        self.items.fetch_add(ids.len() as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(len as u64, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.ids.lock().unwrap_or_else(|e| e.into_inner())[signal.index()].extend_from_slice(ids);
+    }
 }
 
 #[derive(Clone)]
@@ -237,12 +258,7 @@ impl UnaryService<(Vec<u64>, usize)> for Handler {
     type Future = Ready<Result<Response<()>, Status>>;
     fn call(&mut self, request: Request<(Vec<u64>, usize)>) -> Self::Future {
         let (ids, len) = request.into_inner();
-        let r = &self.recorded;
-        r.items.fetch_add(ids.len() as u64, Ordering::Relaxed);
-        r.bytes.fetch_add(len as u64, Ordering::Relaxed);
-        r.requests.fetch_add(1, Ordering::Relaxed);
-        r.ids.lock().unwrap_or_else(|e| e.into_inner())[self.signal.index()]
-            .extend_from_slice(&ids);
+        self.recorded.record(self.signal, &ids, len);
         ready(Ok(Response::new(())))
     }
 }
@@ -276,18 +292,128 @@ impl<const S: usize> Service<http::Request<Body>> for Svc<S> {
             signal,
             recorded: self.0.clone(),
         };
+        let recorded = self.0.clone();
+        // Count the body's bytes as they arrive, before tonic decompresses them.
+        let req = req.map(|body| {
+            Body::new(body.map_frame(move |frame| {
+                if let Some(data) = frame.data_ref() {
+                    recorded
+                        .wire_bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                frame
+            }))
+        });
         Box::pin(async move {
             let mut grpc = Grpc::new(IdCodec(signal))
                 .accept_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Zstd)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES);
             Ok(grpc.unary(handler, req).await)
         })
     }
 }
 
+type HttpResponse = http::Response<Full<Bytes>>;
+
+fn http_answer(status: u16, text: &str) -> HttpResponse {
+    let mut response = http::Response::new(Full::new(Bytes::from(text.to_owned())));
+    *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or_default();
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/x-protobuf"),
+    );
+    response
+}
+
+/// Reads at most `MAX_MESSAGE_BYTES` of a decoder's output.
+fn read_bounded(reader: impl Read) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    reader
+        .take(MAX_MESSAGE_BYTES as u64 + 1)
+        .read_to_end(&mut out)?;
+    match out.len() > MAX_MESSAGE_BYTES {
+        true => Err(std::io::Error::other("decompressed body above 64 MiB")),
+        false => Ok(out),
+    }
+}
+
+/// One OTLP/HTTP protobuf export: 200 with an empty response, or an error
+/// status with a text body.
+async fn http_export(
+    recorded: Arc<Recorded>,
+    request: http::Request<hyper::body::Incoming>,
+) -> Result<HttpResponse, Infallible> {
+    let signal = match request.uri().path() {
+        "/v1/traces" => Signal::Traces,
+        "/v1/metrics" => Signal::Metrics,
+        "/v1/logs" => Signal::Logs,
+        other => return Ok(http_answer(404, &format!("lean sink: no path {other}"))),
+    };
+    let encoding = request
+        .headers()
+        .get(http::header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity")
+        .to_ascii_lowercase();
+    let limited = http_body_util::Limited::new(request.into_body(), MAX_MESSAGE_BYTES);
+    let body = match limited.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => return Ok(http_answer(413, &format!("lean sink: body: {e}"))),
+    };
+    recorded
+        .wire_bytes
+        .fetch_add(body.len() as u64, Ordering::Relaxed);
+    let plain = match encoding.as_str() {
+        "identity" | "" => Ok(body.to_vec()),
+        "gzip" => read_bounded(flate2::read::MultiGzDecoder::new(&body[..])),
+        "zstd" => zstd::stream::read::Decoder::with_buffer(&body[..]).and_then(read_bounded),
+        other => return Ok(http_answer(415, &format!("lean sink: encoding {other}"))),
+    };
+    let plain = match plain {
+        Ok(plain) => plain,
+        Err(e) => return Ok(http_answer(400, &format!("lean sink: {encoding}: {e}"))),
+    };
+    match decode_ids(signal, &mut &plain[..]) {
+        Ok(ids) => {
+            recorded.record(signal, &ids, plain.len());
+            Ok(http_answer(200, ""))
+        }
+        Err(e) => Ok(http_answer(400, &format!("lean sink: bad request: {e}"))),
+    }
+}
+
+/// Accepts OTLP/HTTP connections (HTTP/1.1 and h2c) until `stop`.
+async fn serve_http(listener: TcpListener, recorded: Arc<Recorded>, stop: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    eprintln!("[lean sink] HTTP accept: {e}");
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let (recorded, stop) = (recorded.clone(), stop.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| http_export(recorded.clone(), req));
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = connection => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
 /// The running lean sink. Dropping it stops the server.
 pub struct LeanSink {
     addr: SocketAddr,
+    http_addr: SocketAddr,
     recorded: Arc<Recorded>,
     stop: CancellationToken,
     /// The server task; it ends once `stop` is cancelled (on drop).
@@ -308,6 +434,11 @@ impl LeanSink {
             .add_service(Svc::<0>(recorded.clone()))
             .add_service(Svc::<1>(recorded.clone()))
             .add_service(Svc::<2>(recorded.clone()));
+        let http_listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind lean HTTP sink on 127.0.0.1:0");
+        let http_addr = http_listener.local_addr().expect("lean sink local_addr");
+        tokio::spawn(serve_http(http_listener, recorded.clone(), stop.clone()));
         let shutdown = stop.clone().cancelled_owned();
         let task = tokio::spawn(async move {
             if let Err(e) = router
@@ -319,6 +450,7 @@ impl LeanSink {
         });
         LeanSink {
             addr,
+            http_addr,
             recorded,
             stop,
             _task: task,
@@ -327,6 +459,17 @@ impl LeanSink {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The OTLP/HTTP address (base URL `http://` + this).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Decompressed bytes over wire bytes received so far (1.0: none).
+    pub fn compression_ratio(&self) -> f64 {
+        let wire = self.recorded.wire_bytes.load(Ordering::Relaxed);
+        self.recorded.bytes.load(Ordering::Relaxed) as f64 / wire.max(1) as f64
     }
 
     /// Items accepted so far (all signals).
@@ -344,6 +487,7 @@ impl LeanSink {
         *self.recorded.ids.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
         self.recorded.items.store(0, Ordering::Relaxed);
         self.recorded.bytes.store(0, Ordering::Relaxed);
+        self.recorded.wire_bytes.store(0, Ordering::Relaxed);
         self.recorded.requests.store(0, Ordering::Relaxed);
     }
 }

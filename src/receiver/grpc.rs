@@ -1,7 +1,8 @@
 //! OTLP/gRPC receiver over the shared HTTP/2 server.
 //!
 //! The three Export methods are unary calls; the handler reads the single
-//! length-prefixed message (optionally gzip-compressed) as `Bytes`, hands it to
+//! length-prefixed message (optionally gzip- or zstd-compressed, see
+//! [`super::decompress`]; both are advertised in `grpc-accept-encoding`) as `Bytes`, hands it to
 //! [`Receiver::accept`] and answers with an empty Export*ServiceResponse (the
 //! empty message encodes to zero bytes for all three signals). No tonic codec,
 //! no protobuf decoding: the body stays the bytes the client sent.
@@ -18,7 +19,8 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 use http_body_util::StreamBody;
 use hyper::body::Frame;
 
-use super::{gunzip, IngestError, Receiver};
+use super::decompress::{self, Compression, GRPC_ACCEPT_ENCODING};
+use super::{IngestError, Receiver};
 use crate::signal::Signal;
 
 /// Length of the gRPC message prefix: compressed flag + big-endian u32 length.
@@ -45,13 +47,27 @@ async fn export(receiver: &Receiver, signal: Signal, headers: &HeaderMap, body: 
         Ok(payload) => payload,
         Err(e) => {
             receiver.refused(signal, &e, 0);
-            return e.to_status().into_http();
+            return error_response(&e);
         }
     };
     match receiver.accept(signal, payload).await {
         Ok(_) => ok_response(),
-        Err(e) => e.to_status().into_http(),
+        Err(e) => error_response(&e),
     }
+}
+
+/// A refusal as a gRPC status, advertising the encodings this receiver takes.
+fn error_response(e: &IngestError) -> Response {
+    let mut response = e.to_status().into_http();
+    advertise_encodings(response.headers_mut());
+    response
+}
+
+fn advertise_encodings(headers: &mut HeaderMap) {
+    headers.insert(
+        "grpc-accept-encoding",
+        HeaderValue::from_static(GRPC_ACCEPT_ENCODING),
+    );
 }
 
 /// Read the one message of a unary call, bounded by `limit` bytes.
@@ -63,7 +79,8 @@ async fn read_message(
     let limit = receiver.max_request_bytes();
     // A compressed message may be larger than its decompressed form only by a
     // little; allow some slack on the wire and bound the decompressed size exactly.
-    let wire_limit = (limit as usize).saturating_add(PREFIX + 1024);
+    let slack = Compression::wire_slack(limit) as usize;
+    let wire_limit = (limit as usize).saturating_add(PREFIX + slack);
     let frame = receiver.read_body(body, wire_limit).await?.map_err(|e| {
         if is_length_limit(&e) {
             IngestError::TooLarge {
@@ -99,14 +116,13 @@ async fn read_message(
         1 => {
             let encoding = headers
                 .get("grpc-encoding")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("identity");
-            match encoding {
-                "gzip" => gunzip(&message, limit),
-                "identity" => Err(IngestError::BadEncoding(
+                .map(|v| String::from_utf8_lossy(v.as_bytes()))
+                .unwrap_or_default();
+            match Compression::parse(&encoding)? {
+                Some(compression) => decompress::decompress(compression, &message, limit),
+                None => Err(IngestError::BadEncoding(
                     "message flagged compressed but grpc-encoding is identity".into(),
                 )),
-                other => Err(IngestError::UnsupportedEncoding(other.to_owned())),
             }
         }
         flag => Err(IngestError::BadEncoding(format!(
@@ -140,5 +156,6 @@ fn ok_response() -> Response {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
+    advertise_encodings(response.headers_mut());
     response
 }

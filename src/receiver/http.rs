@@ -6,10 +6,11 @@
 //! 1. `Content-Type` picks the encoding: `application/x-protobuf` stays the
 //!    bytes the client sent; `application/json` is converted once to protobuf
 //!    ([`otlp_json::json_to_protobuf`]). Anything else: 415.
-//! 2. `Content-Encoding`: none, `identity` or `gzip` (decompressed with
-//!    [`gunzip`], bounded by `receiver.max_request_bytes`); anything else: 415.
-//! 3. The body is read up to `receiver.max_request_bytes` (a little more for
-//!    gzip, whose output is bounded exactly); above it: 413.
+//! 2. `Content-Encoding`: none, `identity`, `gzip` or `zstd` (decompressed by
+//!    [`decompress`], bounded by `receiver.max_request_bytes` while decoding);
+//!    anything else: 415.
+//! 3. The body is read up to `receiver.max_request_bytes` (a little more when
+//!    compressed, whose output is bounded exactly); above it: 413.
 //!
 //! Answers follow the OTLP/HTTP specification: 200 with an empty
 //! Export*ServiceResponse in the request's encoding (zero bytes for protobuf,
@@ -37,8 +38,9 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use prost::Message;
 
 use super::auth;
+use super::decompress::{self, Compression};
 use super::otlp_json;
-use super::{gunzip, IngestError, Receiver};
+use super::{IngestError, Receiver};
 use crate::config::CorsConfig;
 use crate::signal::Signal;
 
@@ -158,12 +160,12 @@ async fn read_payload(
     body: Body,
 ) -> Result<Bytes, (IngestError, u64)> {
     let limit = receiver.max_request_bytes();
-    let gzip = is_gzip(headers).map_err(|e| (e, 0))?;
-    // gzip output is bounded exactly by `gunzip`; its input may exceed the
-    // output by a little (stored blocks of incompressible data).
-    let wire_limit = match gzip {
-        true => limit.saturating_add(limit / 512 + 1024),
-        false => limit,
+    let compression = content_encoding(headers).map_err(|e| (e, 0))?;
+    // Compressed output is bounded exactly by `decompress`; its input may
+    // exceed the output by a little (incompressible data).
+    let wire_limit = match compression {
+        Some(_) => limit.saturating_add(Compression::wire_slack(limit)),
+        None => limit,
     };
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -187,9 +189,9 @@ async fn read_payload(
             (error, 0)
         })?;
     let read = raw.len() as u64;
-    let plain = match gzip {
-        true => gunzip(&raw, limit).map_err(|e| (e, read))?,
-        false => raw,
+    let plain = match compression {
+        Some(c) => decompress::decompress(c, &raw, limit).map_err(|e| (e, read))?,
+        None => raw,
     };
     match encoding {
         Encoding::Protobuf => Ok(plain),
@@ -199,20 +201,11 @@ async fn read_payload(
     }
 }
 
-/// Whether `Content-Encoding` says gzip; none and `identity` mean plain.
-fn is_gzip(headers: &HeaderMap) -> Result<bool, IngestError> {
-    let Some(value) = headers.get(header::CONTENT_ENCODING) else {
-        return Ok(false);
-    };
-    let text = value.to_str().unwrap_or("").trim();
-    if text.eq_ignore_ascii_case("gzip") {
-        Ok(true)
-    } else if text.eq_ignore_ascii_case("identity") || text.is_empty() {
-        Ok(false)
-    } else {
-        Err(IngestError::UnsupportedEncoding(
-            String::from_utf8_lossy(value.as_bytes()).into_owned(),
-        ))
+/// The compression `Content-Encoding` names; none and `identity` mean plain.
+fn content_encoding(headers: &HeaderMap) -> Result<Option<Compression>, IngestError> {
+    match headers.get(header::CONTENT_ENCODING) {
+        None => Ok(None),
+        Some(value) => Compression::parse(&String::from_utf8_lossy(value.as_bytes())),
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod connections;
+pub mod decompress;
 pub mod grpc;
 pub mod http;
 pub mod otlp_json;
@@ -57,7 +58,7 @@ pub enum IngestError {
     #[error("missing or invalid bearer token (Authorization: Bearer ...)")]
     Unauthenticated,
     /// The compression is not one this receiver speaks.
-    #[error("unsupported compression {0:?}: use gzip or none")]
+    #[error("unsupported compression {0:?}: use gzip, zstd or none")]
     UnsupportedEncoding(String),
     /// The buffer is full; retry after the delay.
     #[error("telespool buffer is full; retry after {retry_after:?}")]
@@ -283,21 +284,4 @@ impl Receiver {
     pub fn stop_accepting(&self) {
         self.pipeline.stop_accepting();
     }
-}
-
-/// Decompress a gzip body, refusing output above `limit` bytes.
-pub fn gunzip(body: &[u8], limit: u64) -> Result<Bytes, IngestError> {
-    use std::io::Read;
-    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit as usize));
-    let mut decoder = flate2::read::GzDecoder::new(body).take(limit + 1);
-    decoder
-        .read_to_end(&mut out)
-        .map_err(|e| IngestError::BadEncoding(format!("gzip body cannot be decompressed: {e}")))?;
-    if out.len() as u64 > limit {
-        return Err(IngestError::TooLarge {
-            size: out.len() as u64,
-            limit,
-        });
-    }
-    Ok(Bytes::from(out))
 }

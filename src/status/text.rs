@@ -209,7 +209,7 @@ pub fn duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api;
+    use crate::api as proto;
 
     fn snapshot() -> Status {
         Status {

@@ -7,7 +7,7 @@ use ratatui::Terminal;
 
 use super::draw::{self, bar};
 use super::view::{drain_estimate, Connection, View};
-use crate::api;
+use crate::api as proto;
 
 fn totals(signal: &str, accepted: u64, forwarded: u64) -> proto::SignalTotals {
     proto::SignalTotals {

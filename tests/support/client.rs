@@ -45,7 +45,8 @@ pub struct Accepted {
 #[derive(Clone)]
 pub struct Client {
     channel: Channel,
-    gzip: bool,
+    /// How requests are compressed (`None`: not at all).
+    compression: Option<CompressionEncoding>,
 }
 
 /// Dials the Unix socket at its path whatever the URI says, for
@@ -90,7 +91,7 @@ impl Client {
     pub fn new(addr: SocketAddr) -> Client {
         Client {
             channel: channel(addr),
-            gzip: false,
+            compression: None,
         }
     }
 
@@ -98,7 +99,7 @@ impl Client {
     pub fn unix(path: &Path) -> Client {
         Client {
             channel: unix_channel(path),
-            gzip: false,
+            compression: None,
         }
     }
 
@@ -106,13 +107,19 @@ impl Client {
     pub fn with_channel(channel: Channel) -> Client {
         Client {
             channel,
-            gzip: false,
+            compression: None,
         }
     }
 
     /// Compress requests with gzip.
     pub fn gzip(mut self, on: bool) -> Client {
-        self.gzip = on;
+        self.compression = on.then_some(CompressionEncoding::Gzip);
+        self
+    }
+
+    /// Compress requests with zstd.
+    pub fn zstd(mut self, on: bool) -> Client {
+        self.compression = on.then_some(CompressionEncoding::Zstd);
         self
     }
 
@@ -132,14 +139,14 @@ impl Client {
     }
 
     pub async fn export_request(&self, request: ExportRequest) -> Result<Accepted, Status> {
-        let gzip = self.gzip;
+        let compression = self.compression;
         macro_rules! call {
             ($client:ident, $msg:expr, $rejected:ident) => {{
                 let mut client = $client::new(self.channel.clone())
                     .accept_compressed(CompressionEncoding::Gzip)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES);
-                if gzip {
-                    client = client.send_compressed(CompressionEncoding::Gzip);
+                if let Some(encoding) = compression {
+                    client = client.send_compressed(encoding);
                 }
                 let response = client.export(Request::new($msg)).await?.into_inner();
                 Ok(response
