@@ -123,6 +123,13 @@ pub async fn status(addr: SocketAddr) -> Result<String, CommandError> {
         sample("telespool_spool_bytes"),
         sample("telespool_spool_oldest_age_seconds")
     ));
+    if sample("telespool_spool_disk_full") >= 1.0 {
+        out.push_str("spool: DISK FULL: the spool's filesystem has no space left; new rows go only into free pages of the spool file. Free disk space.\n");
+    } else if sample("telespool_spool_max_bytes_reached") >= 1.0 {
+        out.push_str(
+            "spool: FULL: the spool file is at spool.max_bytes; raise it or restore upstream\n",
+        );
+    }
     out.push_str("signal    accepted   forwarded   spooled   dropped\n");
     for s in Signal::ALL {
         out.push_str(&format!(

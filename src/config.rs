@@ -615,6 +615,10 @@ pub struct RetryConfig {
     /// A batch retrying longer than this goes to the spool.
     #[serde(with = "duration")]
     pub max_elapsed: Duration,
+    /// While upstream is failing, one probe export every this often
+    /// (`src/probe.rs`); recovery is noticed within about this interval.
+    #[serde(with = "duration")]
+    pub probe_interval: Duration,
 }
 
 impl Default for RetryConfig {
@@ -623,6 +627,7 @@ impl Default for RetryConfig {
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
             max_elapsed: Duration::from_secs(300),
+            probe_interval: Duration::from_secs(1),
         }
     }
 }
@@ -834,6 +839,9 @@ impl Config {
             return bad(
                 "upstream.retry.initial_backoff must not exceed upstream.retry.max_backoff".into(),
             );
+        }
+        if self.upstream.retry.probe_interval.is_zero() {
+            return bad("upstream.retry.probe_interval must be above 0s".into());
         }
         if let Some(endpoint) = &self.upstream.endpoint {
             let uri: http::Uri = endpoint.parse().map_err(|e| {

@@ -26,6 +26,7 @@ pub mod durable;
 pub mod exporter;
 pub mod metrics;
 pub mod pipeline;
+mod probe;
 pub mod queue;
 pub mod receiver;
 pub mod reload;

@@ -184,10 +184,13 @@ pub async fn run(agent: Agent) -> Summary {
 
     // 5. Close the spool and report.
     let spool = agent.pipeline.spool().clone();
-    let spool_rows_left = spool.stats_cached().rows;
-    if let Err(e) = spool.close().await {
+    if let Err(e) = spool.clone().close().await {
         tracing::error!(error = %e, "spool did not close cleanly");
     }
+    // As of the close: rows whose delete never committed (full disk) are
+    // left too, and will be sent again after a restart.
+    let closed = spool.stats_cached();
+    let spool_rows_left = closed.rows + closed.delete_pending_rows;
     agent.background.wait().await;
     end_phase("close", &mut phases);
 
@@ -201,7 +204,7 @@ pub async fn run(agent: Agent) -> Summary {
         replayed: per(&|s| m.replayed_total(s)),
         dropped: per(&|s| m.dropped_total(s)),
         dropped_at_shutdown,
-        duplicates_risked: m.duplicates_risked(),
+        duplicates_risked: m.duplicates_risked() + closed.delete_pending_items,
         spool_rows_left,
         phases,
         panicked: agent.panics.is_set(),

@@ -86,6 +86,8 @@
 //! telespool, and must not be thrown away by a downgrade.
 
 mod checkpoint;
+mod disk;
+mod maintain;
 mod offline;
 mod open;
 mod store;
@@ -101,6 +103,7 @@ use tokio::sync::oneshot;
 use crate::signal::Signal;
 use store::Store;
 
+pub use disk::FullReason;
 pub use offline::{purge, read_all, verify, SpoolReader, VerifyReport};
 
 /// `PRAGMA application_id` of a telespool spool: ASCII "TSPL".
@@ -172,6 +175,15 @@ pub struct SpoolStats {
     pub items: [u64; 3],
     /// Smallest `created_ms` of any row; None when empty.
     pub oldest_created_ms: Option<i64>,
+    /// Rows upstream acknowledged whose delete has not committed yet (full
+    /// disk): not in `rows`, `bytes` or `items`, never handed out again; the
+    /// delete is retried (see `maintain.rs`).
+    pub delete_pending_rows: u64,
+    /// Items in those rows: sent again after a restart if still pending.
+    pub delete_pending_items: u64,
+    /// Why the last write was refused for lack of room, while that lasts:
+    /// the file is at `spool.max_bytes`, or the disk is full.
+    pub full: Option<FullReason>,
 }
 
 /// What [`Spool::open`] found.
@@ -267,6 +279,7 @@ enum Command {
     Insert(Vec<NewBatch>, Reply<InsertOutcome>),
     Oldest(i64, usize, Reply<Vec<SpooledBatch>>),
     OldestUnclaimed(i64, HashSet<i64>, Reply<Option<SpooledBatch>>),
+    OldestRun(i64, HashSet<i64>, u64, u64, Reply<Vec<SpooledBatch>>),
     Delete(Vec<i64>, Reply<()>),
     RecordAttempt(i64, Reply<()>),
     DropOldest(u64, Vec<i64>, Reply<Vec<(Signal, u64)>>),
@@ -363,8 +376,27 @@ impl Spool {
             .await
     }
 
+    /// A replay run: the oldest row with `id > after_id` not in `claimed`,
+    /// and after it further unclaimed rows of its signal while their items and
+    /// bytes stay within `max_items` and `max_bytes` (the first row is taken
+    /// whatever its size). Empty when there is no such row.
+    pub async fn oldest_run(
+        &self,
+        after_id: i64,
+        claimed: HashSet<i64>,
+        max_items: u64,
+        max_bytes: u64,
+    ) -> Result<Vec<SpooledBatch>, SpoolError> {
+        self.call(|reply| Command::OldestRun(after_id, claimed, max_items, max_bytes, reply))
+            .await
+    }
+
     /// Deletes these rows in one transaction; ids no longer present are ignored.
-    /// Deletes that queue up behind one another share a transaction.
+    /// Deletes that queue up behind one another share a transaction. When the
+    /// delete cannot commit (a full disk) the rows become delete-pending:
+    /// excluded from reads and counts, retried in the background, and this
+    /// returns Ok; other failures leave them delete-pending too and return the
+    /// error.
     pub async fn delete(&self, ids: Vec<i64>) -> Result<(), SpoolError> {
         self.call(|reply| Command::Delete(ids, reply)).await
     }
@@ -472,6 +504,8 @@ fn delete_together(
             .iter()
             .flat_map(|(ids, _)| ids.iter().copied())
             .collect();
+        // A failed group delete leaves its rows delete-pending, so each
+        // caller then gets the answer of its own (empty) delete.
         if store.delete(&all).is_ok() {
             publish(stats, store.stats());
             for (_, reply) in group {
@@ -494,12 +528,28 @@ fn publish(shared: &Mutex<SpoolStats>, stats: &SpoolStats) {
 /// handle is dropped (then it closes the store itself).
 fn run_worker(mut store: Store, commands: mpsc::Receiver<Command>, stats: &Mutex<SpoolStats>) {
     let mut next = None;
-    while let Some(command) = next.take().or_else(|| commands.recv().ok()) {
+    loop {
+        store.maintain(std::time::Instant::now());
+        publish(stats, store.stats());
+        let command = match next.take() {
+            Some(command) => command,
+            None => match commands.recv_timeout(maintain::INTERVAL) {
+                Ok(command) => command,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            },
+        };
         match command {
             Command::Insert(batches, reply) => answer(reply, store.insert(&batches), &store, stats),
             Command::Oldest(after_id, limit, reply) => {
                 answer(reply, store.oldest(after_id, limit), &store, stats)
             }
+            Command::OldestRun(after_id, claimed, max_items, max_bytes, reply) => answer(
+                reply,
+                store.oldest_run(after_id, &claimed, max_items, max_bytes),
+                &store,
+                stats,
+            ),
             Command::OldestUnclaimed(after_id, claimed, reply) => answer(
                 reply,
                 store.oldest_unclaimed(after_id, &claimed),
@@ -520,6 +570,7 @@ fn run_worker(mut store: Store, commands: mpsc::Receiver<Command>, stats: &Mutex
                 answer(reply, result, &store, stats)
             }
             Command::Close(reply) => {
+                store.retry_pending();
                 publish(stats, store.stats());
                 // Reply only once the file is closed and the lock released.
                 let _ = reply.send(store.close());

@@ -2,7 +2,7 @@
 //! and the statements. Only the worker thread and the offline tools call it.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, OpenOptions, Permissions};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -12,6 +12,7 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 
 use super::checkpoint::Checkpointer;
+use super::disk::{FullReason, Headroom};
 use super::open::{
     ensure_dir, ensure_files_private, file_err, inspect, lock, quarantine, SpoolLock,
 };
@@ -95,15 +96,37 @@ fn concat(chunks: &[Bytes]) -> Cow<'_, [u8]> {
 }
 
 /// Signal, items, bytes and created_ms of a deleted row.
-type Removed = (String, i64, i64, i64);
+pub(super) type Removed = (String, i64, i64, i64);
+
+/// Metadata of one row, read without its payload: id, signal, items, bytes.
+type RowMeta = (i64, String, u64, u64);
+
+/// Rows scanned past the first candidate when building a replay run.
+const RUN_SCAN_LIMIT: usize = 4096;
 
 /// An open spool: the connection, the lock, and counts kept in step with the table.
 pub(super) struct Store {
     /// Checkpoints the WAL on its own connection; stopped before `conn` closes.
     checkpointer: Option<Checkpointer>,
-    conn: Connection,
-    path: PathBuf,
-    stats: SpoolStats,
+    pub(super) conn: Connection,
+    pub(super) path: PathBuf,
+    /// Counts of the rows that are live: rows whose delete is pending are not
+    /// in them.
+    pub(super) stats: SpoolStats,
+    /// Rows upstream acknowledged whose delete did not commit (a full disk):
+    /// never handed out again, excluded from the counts, deleted by
+    /// `maintain`. Owned by the worker thread, like everything here.
+    pub(super) pending: BTreeMap<i64, Removed>,
+    /// The reserve file and the disk-full state (`disk.rs`).
+    pub(super) headroom: Headroom,
+    /// Why the last insert was refused for lack of room, while that lasts.
+    pub(super) full: Option<FullReason>,
+    pub(super) page_size: u64,
+    /// `PRAGMA auto_vacuum` of the file: 2 (incremental) for files this
+    /// version created; 0 for older ones until they are converted.
+    pub(super) auto_vacuum: i64,
+    /// Last time `maintain` ran.
+    pub(super) maintained: std::time::Instant,
     _lock: SpoolLock,
 }
 
@@ -140,6 +163,12 @@ impl Store {
             conn,
             path: path.to_owned(),
             stats: SpoolStats::default(),
+            pending: BTreeMap::new(),
+            headroom: Headroom::new(path, opts.max_bytes),
+            full: None,
+            page_size: 4096,
+            auto_vacuum: 0,
+            maintained: std::time::Instant::now(),
             _lock: lock,
         };
         store.configure(opts).map_err(sql_err(path))?;
@@ -162,6 +191,7 @@ impl Store {
         };
         conn.pragma_update(None, "synchronous", sync)?;
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        self.page_size = page_size.max(512).unsigned_abs();
         let pages = i64::try_from(opts.max_bytes / page_size.max(1).unsigned_abs())
             .unwrap_or(i64::MAX)
             .max(1);
@@ -180,6 +210,9 @@ impl Store {
         )?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version < SCHEMA_VERSION {
+            // Only takes effect before the first table exists: new files give
+            // their free pages back to the disk (`maintain.rs`).
+            conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
             conn.execute_batch(&format!(
                 "BEGIN IMMEDIATE;
                  {CREATE_TABLE};
@@ -188,6 +221,8 @@ impl Store {
                  COMMIT;"
             ))?;
         }
+        let conn = &self.conn;
+        self.auto_vacuum = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
         Ok(())
     }
 
@@ -196,8 +231,50 @@ impl Store {
     }
 
     pub(super) fn refresh_stats(&mut self) -> Result<&SpoolStats, SpoolError> {
-        self.stats = compute_stats(&self.conn).map_err(sql_err(&self.path))?;
+        let mut stats = compute_stats(&self.conn).map_err(sql_err(&self.path))?;
+        for (signal, items, bytes, _) in self.pending.values() {
+            stats.rows = stats.rows.saturating_sub(1);
+            stats.bytes = stats.bytes.saturating_sub(bytes.unsigned_abs());
+            if let Ok(signal) = signal.parse::<Signal>() {
+                let i = signal.index();
+                stats.items[i] = stats.items[i].saturating_sub(items.unsigned_abs());
+            }
+        }
+        self.stats = stats;
+        self.sync_flags();
         Ok(&self.stats)
+    }
+
+    /// Copies the pending-delete and fullness state into `stats`.
+    pub(super) fn sync_flags(&mut self) {
+        self.stats.delete_pending_rows = self.pending.len() as u64;
+        self.stats.delete_pending_items = self.pending.values().map(|r| r.1.unsigned_abs()).sum();
+        if self.headroom.disk_full() {
+            self.full = Some(FullReason::Disk);
+        }
+        self.stats.full = self.full;
+    }
+
+    /// Bytes of free pages inside the file.
+    pub(super) fn free_in_file(&self) -> u64 {
+        let pages: i64 = self
+            .conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+            .unwrap_or(0);
+        pages.unsigned_abs().saturating_mul(self.page_size)
+    }
+
+    /// Records that an insert of about `bytes` found no room, and why.
+    fn record_full(&mut self, bytes: u64) {
+        let reason = self.headroom.reason(bytes);
+        if reason == FullReason::Disk && self.headroom.release() {
+            tracing::warn!(
+                path = %self.path.display(),
+                reserve_bytes = self.headroom.size(),
+                "the disk holding the spool is full; released the spool's reserve so deletes and checkpoints can run"
+            );
+        }
+        self.full = Some(reason);
     }
 
     /// Runs `f` in a write transaction; rolls back if it fails.
@@ -248,9 +325,30 @@ impl Store {
     }
 
     pub(super) fn insert(&mut self, batches: &[NewBatch]) -> Result<InsertOutcome, SpoolError> {
+        let result = self.insert_inner(batches);
+        self.sync_flags();
+        result
+    }
+
+    fn insert_inner(&mut self, batches: &[NewBatch]) -> Result<InsertOutcome, SpoolError> {
+        self.retry_pending();
+        let size = |b: &NewBatch| b.payload.iter().map(|c| c.len() as u64).sum::<u64>();
+        if self.headroom.disk_full() {
+            // Only into pages already free inside the file (`disk.rs`).
+            let want: u64 = batches.iter().map(size).sum::<u64>() * 11 / 10 + self.page_size;
+            if !self.headroom.admits(want, self.free_in_file()) {
+                self.full = Some(FullReason::Disk);
+                return Ok(InsertOutcome {
+                    written: 0,
+                    full: true,
+                    ids: Vec::new(),
+                });
+            }
+        }
         match self.transaction(|conn| Self::insert_rows(conn, batches)) {
             Ok(ids) => {
                 self.account_inserted(batches);
+                self.full = None;
                 return Ok(InsertOutcome {
                     written: batches.len(),
                     full: false,
@@ -270,15 +368,17 @@ impl Store {
                     ids.extend(id);
                 }
                 Err(e) if is_full(&e) => {
+                    self.record_full(size(batch));
                     return Ok(InsertOutcome {
                         written: i,
                         full: true,
                         ids,
-                    })
+                    });
                 }
                 Err(e) => return Err(sql_err(&self.path)(e)),
             }
         }
+        self.full = None;
         Ok(InsertOutcome {
             written: batches.len(),
             full: false,
@@ -303,7 +403,10 @@ impl Store {
         let mut rows = stmt.query(params![after_id, limit]).map_err(&sql)?;
         let mut out = Vec::new();
         while let Some(row) = rows.next().map_err(&sql)? {
-            out.push(decode_row(&self.path, row)?);
+            let batch = decode_row(&self.path, row)?;
+            if !self.pending.contains_key(&batch.id) {
+                out.push(batch);
+            }
         }
         Ok(out)
     }
@@ -316,7 +419,7 @@ impl Store {
         claimed: &HashSet<i64>,
     ) -> Result<Option<SpooledBatch>, SpoolError> {
         let sql = sql_err(&self.path);
-        let limit = i64::try_from(claimed.len() + 1).unwrap_or(i64::MAX);
+        let limit = i64::try_from(claimed.len() + self.pending.len() + 1).unwrap_or(i64::MAX);
         let id = {
             let mut stmt = self
                 .conn
@@ -328,16 +431,22 @@ impl Store {
             let mut free = None;
             for id in ids {
                 let id = id.map_err(&sql)?;
-                if !claimed.contains(&id) {
+                if !claimed.contains(&id) && !self.pending.contains_key(&id) {
                     free = Some(id);
                     break;
                 }
             }
             free
         };
-        let Some(id) = id else {
-            return Ok(None);
-        };
+        match id {
+            Some(id) => self.row(id),
+            None => Ok(None),
+        }
+    }
+
+    /// One row with its payload.
+    fn row(&self, id: i64) -> Result<Option<SpooledBatch>, SpoolError> {
+        let sql = sql_err(&self.path);
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -352,8 +461,76 @@ impl Store {
         }
     }
 
+    /// A replay run: the oldest row with `id > after_id` that is neither in
+    /// `claimed` nor delete-pending, and after it further such rows of the
+    /// same signal, oldest first, while their items and bytes stay within
+    /// `max_items` and `max_bytes` (the first row is taken whatever its size).
+    /// Rows of other signals in between are left for the next run. Reads ids
+    /// and sizes first, so skipped rows cost no payload read.
+    pub(super) fn oldest_run(
+        &self,
+        after_id: i64,
+        claimed: &HashSet<i64>,
+        max_items: u64,
+        max_bytes: u64,
+    ) -> Result<Vec<SpooledBatch>, SpoolError> {
+        let sql = sql_err(&self.path);
+        let chosen = {
+            let mut stmt = self
+                .conn
+                .prepare_cached(
+                    "SELECT id, signal, items, bytes FROM batches WHERE id > ?1 ORDER BY id",
+                )
+                .map_err(&sql)?;
+            let metas = stmt
+                .query_map([after_id], |r| {
+                    let meta: RowMeta = (
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get::<_, i64>(2)?.unsigned_abs(),
+                        r.get::<_, i64>(3)?.unsigned_abs(),
+                    );
+                    Ok(meta)
+                })
+                .map_err(&sql)?;
+            let mut chosen: Vec<i64> = Vec::new();
+            let (mut signal, mut items, mut bytes) = (String::new(), 0u64, 0u64);
+            let mut scanned_past_first = 0usize;
+            for meta in metas {
+                let (id, row_signal, row_items, row_bytes) = meta.map_err(&sql)?;
+                if claimed.contains(&id) || self.pending.contains_key(&id) {
+                    continue;
+                }
+                if chosen.is_empty() {
+                    (signal, items, bytes) = (row_signal, row_items, row_bytes);
+                    chosen.push(id);
+                    continue;
+                }
+                scanned_past_first += 1;
+                if scanned_past_first > RUN_SCAN_LIMIT {
+                    break;
+                }
+                if row_signal != signal {
+                    continue;
+                }
+                if items + row_items > max_items || bytes + row_bytes > max_bytes {
+                    break;
+                }
+                items += row_items;
+                bytes += row_bytes;
+                chosen.push(id);
+            }
+            chosen
+        };
+        let mut run = Vec::with_capacity(chosen.len());
+        for id in chosen {
+            run.extend(self.row(id)?);
+        }
+        Ok(run)
+    }
+
     /// Deletes the rows and keeps `stats` in step.
-    fn remove(&mut self, removed: &[Removed]) -> rusqlite::Result<()> {
+    pub(super) fn remove(&mut self, removed: &[Removed]) -> rusqlite::Result<()> {
         let mut recompute_oldest = false;
         for (signal, items, bytes, created_ms) in removed {
             let s = &mut self.stats;
@@ -373,23 +550,58 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes the rows. Upstream has acknowledged them, so when the delete
+    /// cannot commit they become delete-pending rather than being handed out
+    /// again (`maintain.rs`): on a full disk that is not an error.
     pub(super) fn delete(&mut self, ids: &[i64]) -> Result<(), SpoolError> {
-        let removed = self
-            .transaction(|conn| {
-                let mut stmt = conn.prepare_cached(
-                    "DELETE FROM batches WHERE id = ?1 RETURNING signal, items, bytes, created_ms",
-                )?;
-                let mut removed = Vec::with_capacity(ids.len());
-                for id in ids {
-                    let row = stmt
-                        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                        .optional()?;
-                    removed.extend(row);
+        let ids: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|id| !self.pending.contains_key(id))
+            .collect();
+        let mut result = self.delete_rows(&ids);
+        if matches!(&result, Err(e) if is_full(e)) && self.headroom.release() {
+            result = self.delete_rows(&ids);
+        }
+        let result = match result {
+            Ok(removed) => {
+                if self.full == Some(FullReason::MaxBytes) && !removed.is_empty() {
+                    self.full = None;
                 }
-                Ok(removed)
-            })
-            .map_err(sql_err(&self.path))?;
-        self.remove(&removed).map_err(sql_err(&self.path))
+                self.remove(&removed).map_err(sql_err(&self.path))
+            }
+            Err(e) if is_full(&e) => {
+                self.headroom.release();
+                self.mark_pending(&ids);
+                Ok(())
+            }
+            Err(e) => {
+                self.mark_pending(&ids);
+                Err(sql_err(&self.path)(e))
+            }
+        };
+        self.sync_flags();
+        result
+    }
+
+    /// One transaction deleting `ids`; what it removed.
+    pub(super) fn delete_rows(&self, ids: &[i64]) -> rusqlite::Result<Vec<Removed>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.transaction(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "DELETE FROM batches WHERE id = ?1 RETURNING signal, items, bytes, created_ms",
+            )?;
+            let mut removed = Vec::with_capacity(ids.len());
+            for id in ids {
+                let row = stmt
+                    .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                    .optional()?;
+                removed.extend(row);
+            }
+            Ok(removed)
+        })
     }
 
     pub(super) fn record_attempt(&mut self, id: i64) -> Result<(), SpoolError> {
@@ -408,45 +620,64 @@ impl Store {
         if bytes_needed == 0 {
             return Ok(Vec::new());
         }
-        let removed = self
-            .transaction(|conn| {
-                let mut removed: Vec<Removed> = Vec::new();
-                let mut ids = Vec::new();
-                let mut freed = 0u64;
-                let mut stmt = conn.prepare_cached(
-                    "SELECT id, signal, items, bytes, created_ms FROM batches ORDER BY id",
-                )?;
-                let mut rows = stmt.query([])?;
-                while freed < bytes_needed {
-                    let Some(row) = rows.next()? else { break };
-                    let id: i64 = row.get(0)?;
-                    // Rows being exported right now are not evicted: their
-                    // fate is upstream's answer.
-                    if keep.contains(&id) {
-                        continue;
-                    }
-                    ids.push(id);
-                    let bytes: i64 = row.get(3)?;
-                    freed += bytes.unsigned_abs();
-                    removed.push((row.get(1)?, row.get(2)?, bytes, row.get(4)?));
-                }
-                drop(rows);
-                let mut delete = conn.prepare_cached("DELETE FROM batches WHERE id = ?1")?;
-                for id in ids {
-                    delete.execute([id])?;
-                }
-                Ok(removed)
-            })
-            .map_err(sql_err(&self.path))?;
+        let mut result = self.evict(bytes_needed, keep);
+        if matches!(&result, Err(e) if is_full(e)) && self.headroom.release() {
+            result = self.evict(bytes_needed, keep);
+        }
+        let removed = result.map_err(sql_err(&self.path))?;
         self.remove(&removed).map_err(sql_err(&self.path))?;
+        self.sync_flags();
         Ok(removed
             .iter()
             .filter_map(|(signal, items, _, _)| Some((signal.parse().ok()?, items.unsigned_abs())))
             .collect())
     }
 
+    /// One transaction deleting the oldest rows not in `keep` (nor
+    /// delete-pending) until `bytes_needed` are freed.
+    fn evict(&self, bytes_needed: u64, keep: &[i64]) -> rusqlite::Result<Vec<Removed>> {
+        self.transaction(|conn| {
+            let mut removed: Vec<Removed> = Vec::new();
+            let mut ids = Vec::new();
+            let mut freed = 0u64;
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, signal, items, bytes, created_ms FROM batches ORDER BY id",
+            )?;
+            let mut rows = stmt.query([])?;
+            while freed < bytes_needed {
+                let Some(row) = rows.next()? else { break };
+                let id: i64 = row.get(0)?;
+                // Rows being exported right now are not evicted: their
+                // fate is upstream's answer.
+                if keep.contains(&id) || self.pending.contains_key(&id) {
+                    continue;
+                }
+                ids.push(id);
+                let bytes: i64 = row.get(3)?;
+                freed += bytes.unsigned_abs();
+                removed.push((row.get(1)?, row.get(2)?, bytes, row.get(4)?));
+            }
+            drop(rows);
+            let mut delete = conn.prepare_cached("DELETE FROM batches WHERE id = ?1")?;
+            for id in ids {
+                delete.execute([id])?;
+            }
+            Ok(removed)
+        })
+    }
+
     /// Checkpoints the WAL into the file and truncates it, then closes.
     pub(super) fn close(mut self) -> Result<(), SpoolError> {
+        self.retry_pending();
+        if !self.pending.is_empty() {
+            self.sync_flags();
+            tracing::warn!(
+                path = %self.path.display(),
+                rows = self.stats.delete_pending_rows,
+                items = self.stats.delete_pending_items,
+                "rows upstream acknowledged are still in the spool (their delete could not commit); they will be sent again after restart"
+            );
+        }
         if let Some(mut checkpointer) = self.checkpointer.take() {
             checkpointer.stop();
         }
