@@ -130,7 +130,7 @@ impl Store {
     }
 
     /// Shrinks the file by one bounded step if it is mostly free pages.
-    fn vacuum_step(&mut self) {
+    pub(super) fn vacuum_step(&mut self) {
         let Ok((pages, free)) = self.page_counts() else {
             return;
         };
@@ -149,10 +149,17 @@ impl Store {
         } else {
             VACUUM_STEP_BUSY
         };
-        if let Err(e) = self
-            .conn
-            .execute_batch(&format!("PRAGMA incremental_vacuum({step})"))
-        {
+        // The pragma frees one page per step of its statement (it returns a
+        // row per page), so all rows are read; one statement, one transaction.
+        let vacuumed = (|| {
+            let mut stmt = self
+                .conn
+                .prepare(&format!("PRAGMA incremental_vacuum({step})"))?;
+            let mut rows = stmt.query([])?;
+            while rows.next()?.is_some() {}
+            Ok::<(), rusqlite::Error>(())
+        })();
+        if let Err(e) = vacuumed {
             if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
                 self.headroom.release();
             }
@@ -181,5 +188,38 @@ impl Store {
                 tracing::warn!(path = %self.path.display(), error = %e, "cannot vacuum the empty spool; its file keeps its size");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{NewBatch, SpoolOptions};
+    use super::*;
+    use crate::signal::Signal;
+
+    #[test]
+    fn a_drained_spool_gives_its_pages_back_in_bounded_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        let (mut store, _) = Store::open(&path, &SpoolOptions::default()).unwrap();
+        let rows: Vec<NewBatch> = (0..200)
+            .map(|i| NewBatch {
+                signal: Signal::Traces,
+                items: 1,
+                created_ms: i,
+                attempts: 0,
+                payload: vec![bytes::Bytes::from(vec![i as u8; 64 << 10])],
+            })
+            .collect();
+        let ids = store.insert(&rows).unwrap().ids;
+        store.delete(&ids).unwrap();
+        let (pages, free) = store.page_counts().unwrap();
+        assert!(free * 2 > pages, "{free} of {pages} pages free");
+        store.vacuum_step();
+        let (after, _) = store.page_counts().unwrap();
+        assert!(
+            pages - after >= free.min(VACUUM_STEP_EMPTY) - 1,
+            "one step frees a whole step: {pages} -> {after} pages"
+        );
     }
 }

@@ -181,6 +181,14 @@ impl Store {
     fn configure(&mut self, opts: &SpoolOptions) -> rusqlite::Result<()> {
         let conn = &self.conn;
         conn.busy_timeout(Duration::from_secs(5))?;
+        let objects: i64 =
+            conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
+        if objects == 0 {
+            // Only takes effect before the file's header is written (before
+            // WAL mode, before the first table): new files give their free
+            // pages back to the disk (`maintain.rs`).
+            conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
+        }
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(path = %self.path.display(), %mode, "SQLite refused WAL journal mode for the spool");
@@ -210,9 +218,6 @@ impl Store {
         )?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version < SCHEMA_VERSION {
-            // Only takes effect before the first table exists: new files give
-            // their free pages back to the disk (`maintain.rs`).
-            conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
             conn.execute_batch(&format!(
                 "BEGIN IMMEDIATE;
                  {CREATE_TABLE};

@@ -10,6 +10,8 @@
 //! - [`http`]: a raw OTLP/HTTP client and the SDK's HTTP exporters.
 //! - [`held::Held`]: an HTTP/1 connection that holds a connection slot open.
 //! - [`tls`]: certificates made in the test, TLS clients that trust them.
+//! - [`scrape`]: parsed `/metrics` and the accounting invariant.
+//! - [`tmpfs::Tmpfs`]: a small real filesystem that fills (mounted as root).
 //!
 //! Rules: loopback only, port 0, no fixed sleeps for readiness (poll with a
 //! deadline), every loop bounded in count and time.
@@ -22,8 +24,10 @@ pub mod client;
 pub mod held;
 pub mod http;
 pub mod ids;
+pub mod scrape;
 pub mod sdk;
 pub mod tls;
+pub mod tmpfs;
 pub mod upstream;
 
 use std::collections::BTreeSet;
