@@ -217,7 +217,16 @@ pub async fn run(
     let receiver_tls = files.receiver_tls.map(Reloadable::new);
     let metrics = Arc::new(Metrics::new());
     for signal in Signal::ALL {
-        metrics.set_spooled_at_start(signal, opened.stats.items[signal.index()]);
+        // Items of damaged rows found at start count as held, then dropped.
+        let lost = opened
+            .salvaged
+            .as_ref()
+            .map_or(0, |s| s.lost_items[signal.index()]);
+        metrics.set_spooled_at_start(signal, opened.stats.items[signal.index()] + lost);
+        metrics.dropped(signal, crate::metrics::DropReason::SpoolCorrupt, lost);
+    }
+    if let Some(salvaged) = &opened.salvaged {
+        metrics.spool_lost_rows.inc_by(salvaged.lost_rows);
     }
     let upstream = match (&config.upstream.endpoint, files.upstream) {
         (Some(endpoint), Some(setup)) => Some(Upstream::new(&config.upstream, endpoint, setup)),

@@ -81,6 +81,10 @@
 //! table layout or fails `PRAGMA quick_check` is renamed to
 //! `<file>.corrupt-<unix seconds>` (with its -wal and -shm), reported in
 //! [`OpenReport::quarantined`], and a fresh spool is created: the agent still starts.
+//! When the file is a telespool spool that failed its check (not a foreign or
+//! garbage file), every row that can still be read and whose payload checks
+//! out is copied into the fresh spool and replayed; what is lost is counted
+//! ([`OpenReport::salvaged`], `salvage.rs`).
 //! A file whose `user_version` is newer than [`SCHEMA_VERSION`] is refused instead
 //! ([`SpoolError::SchemaTooNew`]): it is probably fine, just written by a newer
 //! telespool, and must not be thrown away by a downgrade.
@@ -90,6 +94,7 @@ mod disk;
 mod maintain;
 mod offline;
 mod open;
+mod salvage;
 mod store;
 
 use std::collections::HashSet;
@@ -105,6 +110,7 @@ use store::Store;
 
 pub use disk::FullReason;
 pub use offline::{purge, read_all, verify, SpoolReader, VerifyReport};
+pub use salvage::Salvage;
 
 /// `PRAGMA application_id` of a telespool spool: ASCII "TSPL".
 pub const APPLICATION_ID: i32 = 0x5453_504C;
@@ -191,6 +197,9 @@ pub struct SpoolStats {
 pub struct OpenReport {
     /// Where an unusable file was moved, and why; the caller logs it.
     pub quarantined: Option<(PathBuf, String)>,
+    /// For a damaged spool: what was copied from it into the fresh spool
+    /// (and is in `stats`), and what was lost (`salvage.rs`).
+    pub salvaged: Option<Salvage>,
     /// Contents after opening: the backlog to replay.
     pub stats: SpoolStats,
 }

@@ -14,8 +14,9 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use super::checkpoint::Checkpointer;
 use super::disk::{FullReason, Headroom};
 use super::open::{
-    ensure_dir, ensure_files_private, file_err, inspect, lock, quarantine, SpoolLock,
+    ensure_dir, ensure_files_private, file_err, inspect, is_damage, lock, quarantine, SpoolLock,
 };
+use super::salvage::salvage;
 use super::{
     InsertOutcome, NewBatch, OpenReport, SpoolError, SpoolOptions, SpoolStats, SpooledBatch,
     Synchronous, APPLICATION_ID, SCHEMA_VERSION,
@@ -144,6 +145,12 @@ impl Store {
                 quarantined = Some((quarantine(path)?, why));
             }
         }
+        // A telespool spool that is damaged (not a foreign or garbage file):
+        // its readable rows are copied into the fresh spool below.
+        let damaged = quarantined
+            .as_ref()
+            .filter(|(_, why)| is_damage(why))
+            .cloned();
         // Create the file ourselves so it is 0600 from the start; SQLite gives the
         // -wal and -shm files the same mode.
         OpenOptions::new()
@@ -173,9 +180,15 @@ impl Store {
         };
         store.configure(opts).map_err(sql_err(path))?;
         store.checkpointer = Some(Checkpointer::start(path, opts.synchronous)?);
+        let salvaged = damaged.map(|(moved, why)| salvage(&moved, &why, &mut store));
         store.refresh_stats()?;
         let stats = store.stats.clone();
-        Ok((store, OpenReport { quarantined, stats }))
+        let report = OpenReport {
+            quarantined,
+            salvaged,
+            stats,
+        };
+        Ok((store, report))
     }
 
     fn configure(&mut self, opts: &SpoolOptions) -> rusqlite::Result<()> {
