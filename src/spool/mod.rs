@@ -40,7 +40,12 @@
 //! At-least-once. A row is deleted only after upstream acknowledged its batch, so
 //! nothing committed here is lost while the file survives. Duplicates happen when
 //! the agent stops (crash, SIGKILL, power loss) after upstream received a batch but
-//! before the delete committed: that batch is replayed on the next start.
+//! before the delete committed: that batch is replayed on the next start. A delete
+//! that cannot commit while the agent runs (a full disk) leaves its rows
+//! *delete-pending* (`maintain.rs`): they are never handed out again by this
+//! process, not counted in [`SpoolStats::rows`], and the delete is retried; only
+//! if the agent stops first are they replayed, and they are counted
+//! ([`SpoolStats::delete_pending_items`], the summary's `duplicates_risked`).
 //! Journal mode is WAL. With [`Synchronous::Normal`] (the default) a commit survives a
 //! process crash but the last commits may be lost on power loss;
 //! [`Synchronous::Full`] fsyncs every commit, for the durable acknowledgement mode.
@@ -56,8 +61,11 @@
 //! The bound counts pages, not payload: b-tree and overflow-page overhead make the
 //! usable payload a few percent smaller than `max_bytes`, so callers of
 //! [`Spool::drop_oldest`] should ask for a little more than the batch they want to
-//! fit and retry. Freed pages are reused, the file does not shrink (only `purge`
-//! vacuums). The bound does not cover the WAL file, which briefly holds the largest
+//! fit and retry. Freed pages are reused; files created by this version use
+//! incremental vacuum and shrink in bounded steps once mostly free
+//! (`maintain.rs`). A full *disk* is told apart from `max_bytes` with `statvfs`
+//! ([`SpoolStats::full`]) and met with a reserve file released for deletes and
+//! checkpoints (`disk.rs`). The bound does not cover the WAL file, which briefly holds the largest
 //! transaction and is truncated back to `journal_size_limit` after checkpoints.
 //! Lowering `max_bytes` below the current file size keeps the current size as the
 //! bound until rows are deleted and their pages reused.
