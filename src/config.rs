@@ -1063,6 +1063,18 @@ mod cors_tests {
     }
 
     #[test]
+    fn the_probe_interval_defaults_to_one_second_and_must_be_above_zero() {
+        let config = parse("").expect("defaults");
+        assert_eq!(config.upstream.retry.probe_interval, Duration::from_secs(1));
+        let e = parse("[upstream.retry]\nprobe_interval = \"0s\"\n")
+            .expect_err("zero")
+            .to_string();
+        assert!(e.contains("upstream.retry.probe_interval"), "{e}");
+        let packaged = parse(include_str!("../packaging/telespool.toml")).expect("valid");
+        assert_eq!(packaged.upstream.retry, RetryConfig::default());
+    }
+
+    #[test]
     fn tls_sections_are_checked() {
         let e = parse("[receiver.tls]\ncert_file = \"/c.pem\"\n")
             .expect_err("no key_file")

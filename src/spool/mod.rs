@@ -102,6 +102,7 @@ mod disk;
 mod maintain;
 mod offline;
 mod open;
+mod read;
 mod salvage;
 mod store;
 
