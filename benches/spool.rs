@@ -111,5 +111,70 @@ fn replay_64mib(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, insert_64mib, replay_64mib);
+/// Replay of 2,000 small rows (1 KiB, 10 items: what durable mode commits
+/// under light load), one row per round trip as replay did before, against
+/// runs of rows up to the batch limits (`oldest_run`, deleted together).
+fn replay_small_rows(c: &mut Criterion) {
+    const ROWS: usize = 2_000;
+    let rt = runtime();
+    let mut group = c.benchmark_group("spool_replay_2k_small_rows");
+    group.throughput(Throughput::Elements(ROWS as u64));
+    group.sample_size(10);
+    let rows = || -> Vec<NewBatch> {
+        (0..ROWS)
+            .map(|i| NewBatch {
+                signal: Signal::Traces,
+                items: 10,
+                created_ms: i as i64,
+                attempts: 0,
+                payload: vec![Bytes::from(vec![i as u8; 1024])],
+            })
+            .collect()
+    };
+    for per_request in ["one_row", "run_8192_items"] {
+        group.bench_function(per_request, |b| {
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    let dir = TempDir::new().expect("tempdir");
+                    let spool = open(&dir, Synchronous::Normal);
+                    rt.block_on(spool.insert(rows())).expect("fill");
+                    let start = Instant::now();
+                    let drained = rt.block_on(async {
+                        let mut drained = 0;
+                        loop {
+                            let run = match per_request {
+                                "one_row" => spool
+                                    .oldest_unclaimed(0, Default::default())
+                                    .await
+                                    .expect("oldest_unclaimed")
+                                    .into_iter()
+                                    .collect::<Vec<_>>(),
+                                _ => spool
+                                    .oldest_run(0, Default::default(), 8192, 4 << 20)
+                                    .await
+                                    .expect("oldest_run"),
+                            };
+                            if run.is_empty() {
+                                break drained;
+                            }
+                            drained += run.len();
+                            spool
+                                .delete(run.iter().map(|r| r.id).collect())
+                                .await
+                                .expect("delete");
+                        }
+                    });
+                    spent += start.elapsed();
+                    assert_eq!(drained, ROWS);
+                    rt.block_on(spool.close()).expect("close");
+                }
+                spent
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, insert_64mib, replay_64mib, replay_small_rows);
 criterion_main!(benches);

@@ -189,7 +189,16 @@ pub async fn run(
     let receiver_tls = files.receiver_tls.map(Reloadable::new);
     let metrics = Arc::new(Metrics::new());
     for signal in Signal::ALL {
-        metrics.set_spooled_at_start(signal, opened.stats.items[signal.index()]);
+        // Items of damaged rows found at start count as held, then dropped.
+        let lost = opened
+            .salvaged
+            .as_ref()
+            .map_or(0, |s| s.lost_items[signal.index()]);
+        metrics.set_spooled_at_start(signal, opened.stats.items[signal.index()] + lost);
+        metrics.dropped(signal, crate::metrics::DropReason::SpoolCorrupt, lost);
+    }
+    if let Some(salvaged) = &opened.salvaged {
+        metrics.spool_lost_rows.inc_by(salvaged.lost_rows);
     }
     let now_s = crate::batch::unix_ms(std::time::SystemTime::now()) / 1000;
     metrics.started(config.buffer.max_bytes.0, config.spool.max_bytes.0, now_s);
@@ -567,9 +576,7 @@ pub fn listeners_of(l: &Listeners) -> Vec<crate::api::Listener> {
             .and_then(|l| l.local_addr().ok())
             .map(|a| a.to_string())
     };
-    let unix = |l: &Option<UnixSocketListener>| {
-        l.as_ref().map(|l| l.path().display().to_string())
-    };
+    let unix = |l: &Option<UnixSocketListener>| l.as_ref().map(|l| l.path().display().to_string());
     [
         ("grpc", "tcp", tcp(&l.grpc)),
         ("grpc", "unix", unix(&l.grpc_unix)),

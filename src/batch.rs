@@ -34,12 +34,13 @@ pub struct Batch {
 }
 
 /// Where a batch lives until upstream acknowledges it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
     /// Only in memory: if it is not exported it must be spooled.
     Memory,
-    /// A row of the spool: exporting it means deleting the row.
-    Spool { id: i64 },
+    /// Rows of the spool (replay puts several in one request): exporting the
+    /// batch means deleting them, together.
+    Spool { ids: Vec<i64> },
 }
 
 /// Limits that seal a batch.

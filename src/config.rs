@@ -696,6 +696,10 @@ pub struct RetryConfig {
     /// A batch retrying longer than this goes to the spool.
     #[serde(with = "duration")]
     pub max_elapsed: Duration,
+    /// While upstream is failing, one probe export every this often
+    /// (`src/probe.rs`); recovery is noticed within about this interval.
+    #[serde(with = "duration")]
+    pub probe_interval: Duration,
 }
 
 impl Default for RetryConfig {
@@ -704,6 +708,7 @@ impl Default for RetryConfig {
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
             max_elapsed: Duration::from_secs(300),
+            probe_interval: Duration::from_secs(1),
         }
     }
 }
@@ -1034,6 +1039,9 @@ impl Config {
             );
         }
         self.upstream.validate_endpoints()?;
+        if self.upstream.retry.probe_interval.is_zero() {
+            return bad("upstream.retry.probe_interval must be above 0s".into());
+        }
         self.upstream.validate_tls()?;
         if self.shutdown.flush_budget > self.shutdown.timeout {
             return bad(format!(
@@ -1298,6 +1306,18 @@ mod cors_tests {
         }
         let e = parse("[receiver]\nbody_timeout = 5\n").expect_err("not a duration");
         assert!(e.to_string().contains("body_timeout"), "{e}");
+    }
+
+    #[test]
+    fn the_probe_interval_defaults_to_one_second_and_must_be_above_zero() {
+        let config = parse("").expect("defaults");
+        assert_eq!(config.upstream.retry.probe_interval, Duration::from_secs(1));
+        let e = parse("[upstream.retry]\nprobe_interval = \"0s\"\n")
+            .expect_err("zero")
+            .to_string();
+        assert!(e.contains("upstream.retry.probe_interval"), "{e}");
+        let packaged = parse(include_str!("../packaging/telespool.toml")).expect("valid");
+        assert_eq!(packaged.upstream.retry, RetryConfig::default());
     }
 
     #[test]

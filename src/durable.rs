@@ -152,7 +152,7 @@ pub async fn commit_group(
             items,
             created_ms,
             attempts: 0,
-            origin: Origin::Spool { id },
+            origin: Origin::Spool { ids: vec![id] },
             reservation,
         });
     }
@@ -199,5 +199,41 @@ impl Handoff {
         let batch = queue.pop_front()?;
         *held -= batch.bytes;
         Some(batch)
+    }
+
+    /// The first queued batch merged with those behind it of the same signal,
+    /// while the merged items and bytes stay within `max_items` and
+    /// `max_bytes`: one upstream request for several committed rows, whose
+    /// ids it carries.
+    pub fn pop_run(&self, max_items: u64, max_bytes: u64) -> Option<Batch> {
+        let mut guard = self.queue.lock().ok()?;
+        let (queue, held) = &mut *guard;
+        let mut run = queue.pop_front()?;
+        *held -= run.bytes;
+        while let Some(next) = queue.front() {
+            let fits = next.signal == run.signal
+                && run.items + next.items <= max_items
+                && run.bytes + next.bytes <= max_bytes;
+            if !fits {
+                break;
+            }
+            let Some(next) = queue.pop_front() else { break };
+            *held -= next.bytes;
+            merge(&mut run, next);
+        }
+        Some(run)
+    }
+}
+
+/// Appends `next` (a committed row of the same signal) to `run`.
+fn merge(run: &mut Batch, next: Batch) {
+    run.items += next.items;
+    run.bytes += next.bytes;
+    run.created_ms = run.created_ms.min(next.created_ms);
+    run.attempts = run.attempts.max(next.attempts);
+    run.chunks.extend(next.chunks);
+    run.reservation.merge(next.reservation);
+    if let (Origin::Spool { ids }, Origin::Spool { ids: more }) = (&mut run.origin, next.origin) {
+        ids.extend(more);
     }
 }

@@ -32,8 +32,8 @@
 #![forbid(unsafe_code)]
 
 pub mod activation;
-pub mod api;
 pub mod admin;
+pub mod api;
 pub mod app;
 pub mod batch;
 pub mod buffer;
@@ -45,6 +45,7 @@ pub mod exporter;
 pub mod manual;
 pub mod metrics;
 pub mod pipeline;
+mod probe;
 pub mod queue;
 pub mod receiver;
 pub mod reload;

@@ -178,12 +178,27 @@ fn run(config: Config, drain: Option<std::time::Duration>) -> ExitCode {
         }
     };
     if let Some((moved_to, why)) = &opened.quarantined {
-        tracing::error!(
-            path = %spool_path.display(),
-            moved_to = %moved_to.display(),
-            reason = %why,
-            "spool file was unusable; moved it aside and started a fresh spool"
-        );
+        // One record, one line: SQLite's check output can span lines.
+        let reason = why.split_whitespace().collect::<Vec<_>>().join(" ");
+        match &opened.salvaged {
+            Some(s) => tracing::error!(
+                path = %spool_path.display(),
+                moved_to = %moved_to.display(),
+                salvaged_rows = s.rows,
+                salvaged_items = s.items,
+                lost_rows = s.lost_rows,
+                lost_items = s.lost_items.iter().sum::<u64>(),
+                details = %s.details.display(),
+                reason = %reason,
+                "spool file was damaged; moved it aside and copied its readable rows into a fresh spool"
+            ),
+            None => tracing::error!(
+                path = %spool_path.display(),
+                moved_to = %moved_to.display(),
+                reason = %reason,
+                "spool file was unusable; moved it aside and started a fresh spool"
+            ),
+        }
     }
     tracing::info!(
         path = %spool_path.display(),

@@ -89,10 +89,12 @@ pub enum DropReason {
     SpoolExpired,
     /// One resource entry larger than upstream accepts, even alone.
     UpstreamTooLarge,
+    /// A damaged spool file: rows that could not be salvaged at start.
+    SpoolCorrupt,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::Rejected,
         DropReason::SpoolFull,
         DropReason::SpoolEvicted,
@@ -100,6 +102,7 @@ impl DropReason {
         DropReason::SpoolError,
         DropReason::SpoolExpired,
         DropReason::UpstreamTooLarge,
+        DropReason::SpoolCorrupt,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -111,6 +114,7 @@ impl DropReason {
             DropReason::SpoolError => "spool_error",
             DropReason::SpoolExpired => "spool_expired",
             DropReason::UpstreamTooLarge => "upstream_too_large",
+            DropReason::SpoolCorrupt => "spool_corrupt",
         }
     }
 }
@@ -137,6 +141,17 @@ pub struct Metrics {
     pub spool_bytes: Gauge,
     pub spool_items: Family<SignalLabel, Gauge>,
     pub spool_oldest_age_seconds: Gauge,
+    /// 1 while the disk holding the spool is full (the spool then takes rows
+    /// only into its own free pages).
+    pub spool_disk_full: Gauge,
+    /// 1 while the spool refuses rows because its file is at `spool.max_bytes`.
+    pub spool_max_bytes_reached: Gauge,
+    /// Exported rows whose delete has not committed yet (full disk).
+    pub spool_delete_pending_rows: Gauge,
+    /// Rows of a damaged spool file that could not be read at start (their
+    /// items are not known; rows whose items are known count as
+    /// `dropped_items{reason="spool_corrupt"}`).
+    pub spool_lost_rows: Counter,
     pub upstream_up: Gauge,
     /// Unix time (seconds) of the first failure of the current failing
     /// stretch; 0 while upstream is up.
@@ -190,6 +205,10 @@ impl Metrics {
             spool_bytes: Gauge::default(),
             spool_items: Family::default(),
             spool_oldest_age_seconds: Gauge::default(),
+            spool_disk_full: Gauge::default(),
+            spool_max_bytes_reached: Gauge::default(),
+            spool_delete_pending_rows: Gauge::default(),
+            spool_lost_rows: Counter::default(),
             upstream_up: Gauge::default(),
             upstream_failing_since: Gauge::default(),
             upstream_max_request_bytes: Gauge::default(),
@@ -332,6 +351,26 @@ impl Metrics {
             "spool_oldest_age_seconds",
             "Age of the oldest spooled batch",
             m.spool_oldest_age_seconds.clone(),
+        );
+        r.register(
+            "spool_disk_full",
+            "1 while the disk holding the spool is full",
+            m.spool_disk_full.clone(),
+        );
+        r.register(
+            "spool_max_bytes_reached",
+            "1 while the spool file is at spool.max_bytes and refuses rows",
+            m.spool_max_bytes_reached.clone(),
+        );
+        r.register(
+            "spool_delete_pending_rows",
+            "Exported spool rows whose delete has not committed yet (full disk)",
+            m.spool_delete_pending_rows.clone(),
+        );
+        r.register(
+            "spool_lost_rows",
+            "Rows of a damaged spool file that could not be read at start",
+            m.spool_lost_rows.clone(),
         );
         r.register(
             "upstream_up",

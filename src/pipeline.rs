@@ -31,13 +31,14 @@ use crate::config::{Config, Durability, RetryConfig, WhenFull};
 use crate::durable::{Handoff, Pending};
 use crate::exporter::Upstream;
 use crate::metrics::{DropReason, Metrics};
+use crate::probe::{Admit, Gate, Outcome};
 use crate::queue::ExportQueue;
 use crate::retry::{verdict, Backoff, Verdict};
 use crate::signal::Signal;
 use crate::spool::Spool;
 
-mod spool_writes;
 mod parts;
+mod spool_writes;
 mod spooled;
 
 use spool_writes::SpoolWrites;
@@ -58,6 +59,8 @@ pub enum Refused {
 /// The fraction of the memory budget above which, with upstream failing, the
 /// oldest sealed batches move to the spool.
 const SPILL_HIGH_WATER: f64 = 0.5;
+/// Once spilling, memory is brought down to this fraction (hysteresis).
+const SPILL_LOW_WATER: f64 = 0.25;
 
 pub struct Pipeline {
     budget: Arc<MemoryBudget>,
@@ -91,6 +94,10 @@ pub struct Pipeline {
     spool_writes: SpoolWrites,
     /// `spool.max_age`: expired rows are deleted before replay claims a row.
     expiry: Option<crate::spool::ExpirySweeper>,
+    /// `batch.max_items`: the most items replay puts in one request.
+    replay_max_items: u64,
+    /// While upstream is failing, lets one probe export through at a time.
+    probe: Gate,
 }
 
 struct Lane {
@@ -135,8 +142,14 @@ impl Pipeline {
             durable: Mutex::new(durable),
             durable_rx: Mutex::new(durable_rx),
             handoff,
-            max_row_bytes: config.batch.max_bytes.0,
+            // Rows (durable commits, replay runs) stay below what upstream takes.
+            max_row_bytes: config
+                .batch
+                .max_bytes
+                .0
+                .min(config.upstream.max_request_bytes.0),
             expiry: crate::spool::ExpirySweeper::new(config.spool.max_age),
+            replay_max_items: config.batch.max_items,
             budget: MemoryBudget::new(config.buffer.max_bytes.0),
             max_wait: config.buffer.max_wait,
             retry: config.upstream.retry.clone(),
@@ -157,6 +170,10 @@ impl Pipeline {
             claim_or_evict: tokio::sync::Mutex::new(()),
             replay_wake: Notify::new(),
             spool_writes: SpoolWrites::default(),
+            probe: Gate::new(
+                config.upstream.retry.probe_interval,
+                config.upstream.retry.initial_backoff,
+            ),
         })
     }
 
@@ -301,7 +318,21 @@ impl Pipeline {
         // `batch` holds the part being sent; `rest` the parts after it, when
         // the batch is above upstream's size limit (see pipeline/parts.rs).
         let mut rest = parts::cut_to_limit(upstream, &mut batch);
+        let give_up_at = tokio::time::Instant::now() + self.retry.max_elapsed;
+        let mut retry_at = tokio::time::Instant::now();
         loop {
+            // While upstream is failing only the probe goes out (src/probe.rs).
+            let probe = match self.probe.admit(retry_at, give_up_at, force).await {
+                Admit::Send { probe } => probe,
+                Admit::Cut => {
+                    parts::rejoin(&mut batch, rest);
+                    return self.cut_off(batch, false);
+                }
+                Admit::GiveUp => {
+                    parts::rejoin(&mut batch, rest);
+                    return self.give_up_retrying(batch).await;
+                }
+            };
             batch.attempts = batch.attempts.saturating_add(1);
             let t0 = Instant::now();
             let result = tokio::select! {
@@ -314,6 +345,7 @@ impl Pipeline {
                 r = upstream.export(signal, &batch.chunks) => r,
             };
             self.metrics.upstream_up.set(i64::from(result.is_ok()));
+            self.probe.record(probe, Outcome::of(&result));
             match result {
                 Ok(accepted) => {
                     self.metrics.export_result(signal, "ok", t0.elapsed());
@@ -377,15 +409,7 @@ impl Pipeline {
                             self.give_up_retrying(batch).await;
                             return;
                         }
-                        tokio::select! {
-                            biased;
-                            _ = force.cancelled() => {
-                                parts::rejoin(&mut batch, rest);
-                                self.cut_off(batch, false);
-                                return;
-                            }
-                            _ = tokio::time::sleep(delay) => {}
-                        }
+                        retry_at = tokio::time::Instant::now() + delay;
                     }
                 },
             }
@@ -395,10 +419,12 @@ impl Pipeline {
     /// A batch retried longer than `upstream.retry.max_elapsed`: a memory batch
     /// moves to the spool, a spooled one stays there for a later pass.
     async fn give_up_retrying(&self, batch: Batch) {
-        match batch.origin {
-            Origin::Spool { id } => {
-                if let Err(e) = self.spool.record_attempt(id).await {
-                    tracing::warn!(error = %e, "cannot record export attempt in the spool");
+        match &batch.origin {
+            Origin::Spool { ids } => {
+                for &id in ids {
+                    if let Err(e) = self.spool.record_attempt(id).await {
+                        tracing::warn!(error = %e, "cannot record export attempt in the spool");
+                    }
                 }
             }
             Origin::Memory => {
@@ -428,9 +454,9 @@ impl Pipeline {
 
     /// Delete the spool row of a batch that is done with (acknowledged or rejected).
     async fn finish_spooled(&self, batch: &Batch) {
-        if let Origin::Spool { id } = batch.origin {
-            if let Err(e) = self.spool.delete(vec![id]).await {
-                tracing::error!(id, error = %e, "cannot delete an exported batch from the spool; it will be sent again after restart");
+        if let Origin::Spool { ids } = &batch.origin {
+            if let Err(e) = self.spool.delete(ids.clone()).await {
+                tracing::error!(rows = ids.len(), error = %e, "cannot delete exported batches from the spool; they are not sent again by this process, but will be after a restart");
             }
         }
     }
@@ -487,6 +513,13 @@ impl Pipeline {
             .map(|ms| (crate::batch::unix_ms(std::time::SystemTime::now()) - ms).max(0) / 1000)
             .unwrap_or(0);
         m.spool_oldest_age_seconds.set(age);
+        let full = stats.full;
+        m.spool_disk_full
+            .set(i64::from(full == Some(crate::spool::FullReason::Disk)));
+        m.spool_max_bytes_reached
+            .set(i64::from(full == Some(crate::spool::FullReason::MaxBytes)));
+        m.spool_delete_pending_rows
+            .set(i64::try_from(stats.delete_pending_rows).unwrap_or(i64::MAX));
         if let Some(upstream) = &self.upstream {
             let health = upstream.health().snapshot();
             let since = health

@@ -27,8 +27,8 @@ use crate::config::Config;
 use crate::exporter::{Upstream, UpstreamSetup};
 use crate::receiver::auth::{TokenFileError, Tokens};
 use crate::reloadable::Reloadable;
-use crate::tls::TlsError;
 use crate::resource::{Stamping, StampingHandle};
+use crate::tls::TlsError;
 
 /// Requests for a reload (SIGHUP), from `main`'s signal handler to the agent.
 /// A request made while a reload runs starts another one after it.

@@ -55,7 +55,6 @@ pub struct ExportFailure {
     pub retry_after: Option<Duration>,
 }
 
-
 /// What to do with a batch after a failed export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {

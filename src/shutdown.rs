@@ -267,10 +267,13 @@ pub async fn run(agent: Stages) -> Summary {
     agent.admin.status.set_phase(crate::status::Phase::Closing);
     // 5. Close the spool and report.
     let spool = agent.pipeline.spool().clone();
-    let spool_rows_left = spool.stats_cached().rows;
-    if let Some(Err(e)) = hard.bound("close", spool.close()).await {
+    if let Some(Err(e)) = hard.bound("close", spool.clone().close()).await {
         tracing::error!(error = %e, "spool did not close cleanly");
     }
+    // As of the close: rows whose delete never committed (full disk) are
+    // left too, and will be sent again after a restart.
+    let closed = spool.stats_cached();
+    let spool_rows_left = closed.rows + closed.delete_pending_rows;
     // Batches still inside a spool write that the deadline cut (a spiller or
     // an export worker moving them to the spool): not known to be spooled.
     let mut in_flight = 0;
@@ -300,7 +303,7 @@ pub async fn run(agent: Stages) -> Summary {
         replayed: per(&|s| m.replayed_total(s)),
         dropped: per(&|s| m.dropped_total(s)),
         dropped_at_shutdown,
-        duplicates_risked: m.duplicates_risked(),
+        duplicates_risked: m.duplicates_risked() + closed.delete_pending_items,
         spool_rows_left,
         phases,
         panicked: agent.panics.is_set(),

@@ -19,13 +19,14 @@ use prometheus_client::metrics::family::Family;
 
 use crate::api as proto;
 use crate::batch::unix_ms;
-use crate::reloadable::Reloadable;
-use crate::resource::Stamping;
 use crate::config::{Config, Durability, UpstreamProtocol, WhenFull};
 use crate::metrics::latency::{quantile_ms, BOUNDS_MS};
 use crate::metrics::{DropReason, Metrics, Refusal};
 use crate::pipeline::Pipeline;
+use crate::reloadable::Reloadable;
+use crate::resource::Stamping;
 use crate::signal::Signal;
+use crate::spool::FullReason;
 
 pub use proto::Phase;
 
@@ -166,8 +167,10 @@ impl StatusSource {
                     .oldest_created_ms
                     .map(|ms| u64::try_from(now_ms - ms).unwrap_or(0))
                     .unwrap_or(0),
-                disk_full: false,
+                disk_full: spool.full == Some(FullReason::Disk),
                 when_full: self.fixed.when_full.to_owned(),
+                max_bytes_reached: spool.full == Some(FullReason::MaxBytes),
+                delete_pending_rows: spool.delete_pending_rows,
             }),
             signals: Signal::ALL
                 .iter()

@@ -10,10 +10,10 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{Pipeline, Refused, SPILL_HIGH_WATER};
+use super::{Pipeline, Refused, SPILL_HIGH_WATER, SPILL_LOW_WATER};
 use crate::batch::{Batch, Origin};
 use crate::config::WhenFull;
-use crate::durable::{Handoff, Pending};
+use crate::durable::Pending;
 use crate::metrics::DropReason;
 use crate::signal::Signal;
 use crate::spool::{NewBatch, SpooledBatch};
@@ -153,16 +153,19 @@ impl Pipeline {
             return;
         };
         for batch in committed {
-            let Origin::Spool { id } = batch.origin else {
+            let Origin::Spool { ids } = &batch.origin else {
                 continue;
             };
             if !upstream_up {
                 claims.unclaimed_rows = true;
                 continue;
             }
-            claims.in_flight.insert(id);
+            let ids = ids.clone();
+            claims.in_flight.extend(ids.iter().copied());
             if handoff.try_push(batch).is_err() {
-                claims.in_flight.remove(&id);
+                for id in &ids {
+                    claims.in_flight.remove(id);
+                }
                 claims.unclaimed_rows = true;
             }
         }
@@ -262,43 +265,68 @@ impl Pipeline {
         }
     }
 
-    /// While upstream is failing and memory is above the high-water mark, move
-    /// the oldest sealed batches to the spool, so clients keep getting OK.
+    /// While upstream is failing, move the oldest sealed batches to the spool
+    /// so clients keep getting OK. Hysteresis: an episode starts when memory
+    /// goes above the high-water mark while upstream fails; during it, batches
+    /// move whenever memory is above the low-water mark, down to that mark;
+    /// it ends when upstream is back. Each episode logs one start line and
+    /// one stop line with what it moved.
     pub async fn run_spiller(self: Arc<Self>, stop: CancellationToken) {
-        let Some(upstream) = self.upstream.clone() else {
+        if self.upstream.is_none() {
             return;
-        };
-        let mut spilling = false;
+        }
+        let mut episode: Option<SpillEpisode> = None;
         let mut full_logged = false;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
-            let high = (self.budget.limit() as f64 * SPILL_HIGH_WATER) as u64;
-            let should = !upstream.health().is_up() && self.budget.used() > high;
-            if should != spilling {
-                spilling = should;
-                tracing::info!(
-                    spilling,
-                    buffered_bytes = self.budget.used(),
-                    "{}",
-                    if should {
-                        "spill to spool started"
-                    } else {
-                        "spill to spool stopped"
-                    }
-                );
+            let limit = self.budget.limit();
+            let (high, low) = (
+                (limit as f64 * SPILL_HIGH_WATER) as u64,
+                (limit as f64 * SPILL_LOW_WATER) as u64,
+            );
+            let failing = self.probe.is_failing();
+            let used = self.budget.used();
+            match &episode {
+                None if failing && used > high => {
+                    tracing::info!(buffered_bytes = used, "spill to spool started");
+                    episode = Some(SpillEpisode::new());
+                }
+                Some(e) if !failing => {
+                    tracing::info!(
+                        batches = e.batches,
+                        items = e.items,
+                        bytes = e.bytes,
+                        lasted = ?e.started.elapsed(),
+                        "spill to spool stopped: upstream is back"
+                    );
+                    episode = None;
+                    full_logged = false;
+                }
+                _ => {}
             }
-            if !should {
-                full_logged = false;
+            let Some(current) = episode.as_mut() else {
+                continue;
+            };
+            if used <= low {
                 continue;
             }
-            let batches = self.queue.take_oldest(self.budget.limit() / 8);
+            let batches = self.queue.take_oldest((used - low).min(limit / 8));
             if batches.is_empty() {
                 continue;
             }
+            let taken: (u64, u64, u64) = batches
+                .iter()
+                .fold((0, 0, 0), |(n, i, b), x| (n + 1, i + x.items, b + x.bytes));
             let unwritten = self.write_to_spool(batches).await;
+            let left: (u64, u64, u64) = unwritten
+                .iter()
+                .fold((0, 0, 0), |(n, i, b), x| (n + 1, i + x.items, b + x.bytes));
+            current.batches += taken.0 - left.0;
+            current.items += taken.1 - left.1;
+            current.bytes += taken.2 - left.2;
             if !unwritten.is_empty() {
                 if !full_logged {
                     tracing::warn!("spool full while spilling; clients get backpressure until upstream recovers");
@@ -334,16 +362,21 @@ impl Pipeline {
             wake.as_mut().enable();
             match self.next_spooled().await {
                 Some(batch) => {
-                    let Origin::Spool { id } = batch.origin else {
+                    let Origin::Spool { ids } = batch.origin.clone() else {
                         continue; // only spool rows come this way
                     };
                     self.deliver(batch, &force).await;
-                    // Release the claim under the claim lock: a worker that read
-                    // this row before its delete committed must still find it
-                    // claimed, or it would export the row a second time.
+                    // Release the claims under the claim lock: a worker that read
+                    // these rows before their delete committed must still find
+                    // them claimed, or it would export them a second time. (A
+                    // delete that could not commit leaves the rows
+                    // delete-pending in the spool, which never hands them out
+                    // again.)
                     let _guard = self.claim_or_evict.lock().await;
                     if let Ok(mut claims) = self.replay.lock() {
-                        claims.in_flight.remove(&id);
+                        for id in &ids {
+                            claims.in_flight.remove(id);
+                        }
                     }
                     if self.handoff.is_none() && last_progress.elapsed() > Duration::from_secs(5) {
                         last_progress = Instant::now();
@@ -376,24 +409,28 @@ impl Pipeline {
     /// The next spool row to export, claimed: a hand-off from memory while no
     /// unclaimed rows wait in the spool, else the oldest unclaimed row.
     async fn next_spooled(&self) -> Option<Batch> {
+        let (max_items, max_bytes) = (self.replay_max_items, self.max_row_bytes);
         if let Some(handoff) = &self.handoff {
             let backlog = self.replay.lock().map(|c| c.unclaimed_rows).unwrap_or(true);
             if !backlog {
-                if let Some(batch) = handoff.pop() {
+                if let Some(batch) = handoff.pop_run(max_items, max_bytes) {
                     return Some(batch);
                 }
             }
         }
-        if let Some(row) = self.claim_row().await {
-            return Some(self.batch_from_row(row));
+        if let Some(rows) = self.claim_rows().await {
+            return Some(self.batch_from_rows(rows));
         }
-        self.handoff.as_ref().and_then(Handoff::pop)
+        self.handoff
+            .as_ref()
+            .and_then(|h| h.pop_run(max_items, max_bytes))
     }
 
-    /// The oldest spool row no other worker holds, claimed. Starts after the
-    /// last claimed row and wraps to the start once, so rows left behind after
-    /// `max_elapsed` are retried on the next pass.
-    async fn claim_row(&self) -> Option<SpooledBatch> {
+    /// The oldest run of spool rows no other worker holds (one signal, within
+    /// the batch limits), claimed. Starts after the first row of the last run
+    /// and wraps to the start once, so rows left behind after `max_elapsed`
+    /// are retried on the next pass.
+    async fn claim_rows(&self) -> Option<Vec<SpooledBatch>> {
         let _guard = self.claim_or_evict.lock().await;
         let (cursor, held) = {
             let claims = self.replay.lock().ok()?;
@@ -403,15 +440,17 @@ impl Pipeline {
             expiry.sweep_if_due(&self.spool, &held, &self.metrics).await;
         }
         let mut found = self.read_unclaimed(cursor, held.clone()).await;
-        if matches!(found, Ok(None)) && cursor != 0 {
+        if matches!(&found, Ok(run) if run.is_empty()) && cursor != 0 {
             found = self.read_unclaimed(0, held).await;
         }
+        let run = found.ok()?;
         let mut claims = self.replay.lock().ok()?;
-        match found.ok()? {
-            Some(row) => {
-                claims.cursor = row.id;
-                claims.in_flight.insert(row.id);
-                Some(row)
+        match run.first() {
+            Some(first) => {
+                // Rows of other signals after the first are still ahead.
+                claims.cursor = first.id;
+                claims.in_flight.extend(run.iter().map(|r| r.id));
+                Some(run)
             }
             None => {
                 claims.cursor = 0;
@@ -425,23 +464,57 @@ impl Pipeline {
         &self,
         after: i64,
         held: HashSet<i64>,
-    ) -> Result<Option<SpooledBatch>, ()> {
+    ) -> Result<Vec<SpooledBatch>, ()> {
         self.spool
-            .oldest_unclaimed(after, held)
+            .oldest_run(after, held, self.replay_max_items, self.max_row_bytes)
             .await
             .map_err(|e| tracing::error!(error = %e, "cannot read the spool for replay"))
     }
 
-    fn batch_from_row(&self, row: SpooledBatch) -> Batch {
-        Batch {
-            signal: row.signal,
-            chunks: vec![row.payload],
-            items: row.items,
-            bytes: row.bytes,
-            created_ms: row.created_ms,
-            attempts: row.attempts,
-            origin: Origin::Spool { id: row.id },
-            reservation: self.budget.empty(row.signal),
+    /// One upstream request from a run of rows of one signal.
+    fn batch_from_rows(&self, rows: Vec<SpooledBatch>) -> Batch {
+        let signal = rows[0].signal;
+        let mut batch = Batch {
+            signal,
+            chunks: Vec::with_capacity(rows.len()),
+            items: 0,
+            bytes: 0,
+            created_ms: i64::MAX,
+            attempts: 0,
+            origin: Origin::Spool {
+                ids: Vec::with_capacity(rows.len()),
+            },
+            reservation: self.budget.empty(signal),
+        };
+        for row in rows {
+            batch.items += row.items;
+            batch.bytes += row.bytes;
+            batch.created_ms = batch.created_ms.min(row.created_ms);
+            batch.attempts = batch.attempts.max(row.attempts);
+            batch.chunks.push(row.payload);
+            if let Origin::Spool { ids } = &mut batch.origin {
+                ids.push(row.id);
+            }
+        }
+        batch
+    }
+}
+
+/// What one spill episode moved, for its stop line.
+struct SpillEpisode {
+    started: Instant,
+    batches: u64,
+    items: u64,
+    bytes: u64,
+}
+
+impl SpillEpisode {
+    fn new() -> SpillEpisode {
+        SpillEpisode {
+            started: Instant::now(),
+            batches: 0,
+            items: 0,
+            bytes: 0,
         }
     }
 }

@@ -40,7 +40,12 @@
 //! At-least-once. A row is deleted only after upstream acknowledged its batch, so
 //! nothing committed here is lost while the file survives. Duplicates happen when
 //! the agent stops (crash, SIGKILL, power loss) after upstream received a batch but
-//! before the delete committed: that batch is replayed on the next start.
+//! before the delete committed: that batch is replayed on the next start. A delete
+//! that cannot commit while the agent runs (a full disk) leaves its rows
+//! *delete-pending* (`maintain.rs`): they are never handed out again by this
+//! process, not counted in [`SpoolStats::rows`], and the delete is retried; only
+//! if the agent stops first are they replayed, and they are counted
+//! ([`SpoolStats::delete_pending_items`], the summary's `duplicates_risked`).
 //! Journal mode is WAL. With [`Synchronous::Normal`] (the default) a commit survives a
 //! process crash but the last commits may be lost on power loss;
 //! [`Synchronous::Full`] fsyncs every commit, for the durable acknowledgement mode.
@@ -56,8 +61,11 @@
 //! The bound counts pages, not payload: b-tree and overflow-page overhead make the
 //! usable payload a few percent smaller than `max_bytes`, so callers of
 //! [`Spool::drop_oldest`] should ask for a little more than the batch they want to
-//! fit and retry. Freed pages are reused, the file does not shrink (only `purge`
-//! vacuums). The bound does not cover the WAL file, which briefly holds the largest
+//! fit and retry. Freed pages are reused; files created by this version use
+//! incremental vacuum and shrink in bounded steps once mostly free
+//! (`maintain.rs`). A full *disk* is told apart from `max_bytes` with `statvfs`
+//! ([`SpoolStats::full`]) and met with a reserve file released for deletes and
+//! checkpoints (`disk.rs`). The bound does not cover the WAL file, which briefly holds the largest
 //! transaction and is truncated back to `journal_size_limit` after checkpoints.
 //! Lowering `max_bytes` below the current file size keeps the current size as the
 //! bound until rows are deleted and their pages reused.
@@ -81,14 +89,22 @@
 //! table layout or fails `PRAGMA quick_check` is renamed to
 //! `<file>.corrupt-<unix seconds>` (with its -wal and -shm), reported in
 //! [`OpenReport::quarantined`], and a fresh spool is created: the agent still starts.
+//! When the file is a telespool spool that failed its check (not a foreign or
+//! garbage file), every row that can still be read and whose payload checks
+//! out is copied into the fresh spool and replayed; what is lost is counted
+//! ([`OpenReport::salvaged`], `salvage.rs`).
 //! A file whose `user_version` is newer than [`SCHEMA_VERSION`] is refused instead
 //! ([`SpoolError::SchemaTooNew`]): it is probably fine, just written by a newer
 //! telespool, and must not be thrown away by a downgrade.
 
 mod checkpoint;
+mod disk;
 mod expire;
+mod maintain;
 mod offline;
 mod open;
+mod read;
+mod salvage;
 mod store;
 
 use std::collections::HashSet;
@@ -102,8 +118,10 @@ use tokio::sync::oneshot;
 use crate::signal::Signal;
 use store::Store;
 
+pub use disk::FullReason;
 pub use expire::{Expiry, ExpirySweeper};
 pub use offline::{purge, read_all, verify, SpoolReader, VerifyReport};
+pub use salvage::Salvage;
 
 /// `PRAGMA application_id` of a telespool spool: ASCII "TSPL".
 pub const APPLICATION_ID: i32 = 0x5453_504C;
@@ -174,6 +192,15 @@ pub struct SpoolStats {
     pub items: [u64; 3],
     /// Smallest `created_ms` of any row; None when empty.
     pub oldest_created_ms: Option<i64>,
+    /// Rows upstream acknowledged whose delete has not committed yet (full
+    /// disk): not in `rows`, `bytes` or `items`, never handed out again; the
+    /// delete is retried (see `maintain.rs`).
+    pub delete_pending_rows: u64,
+    /// Items in those rows: sent again after a restart if still pending.
+    pub delete_pending_items: u64,
+    /// Why the last write was refused for lack of room, while that lasts:
+    /// the file is at `spool.max_bytes`, or the disk is full.
+    pub full: Option<FullReason>,
 }
 
 /// What [`Spool::open`] found.
@@ -181,6 +208,9 @@ pub struct SpoolStats {
 pub struct OpenReport {
     /// Where an unusable file was moved, and why; the caller logs it.
     pub quarantined: Option<(PathBuf, String)>,
+    /// For a damaged spool: what was copied from it into the fresh spool
+    /// (and is in `stats`), and what was lost (`salvage.rs`).
+    pub salvaged: Option<Salvage>,
     /// Contents after opening: the backlog to replay.
     pub stats: SpoolStats,
 }
@@ -269,6 +299,7 @@ enum Command {
     Insert(Vec<NewBatch>, Reply<InsertOutcome>),
     Oldest(i64, usize, Reply<Vec<SpooledBatch>>),
     OldestUnclaimed(i64, HashSet<i64>, Reply<Option<SpooledBatch>>),
+    OldestRun(i64, HashSet<i64>, u64, u64, Reply<Vec<SpooledBatch>>),
     Delete(Vec<i64>, Reply<()>),
     RecordAttempt(i64, Reply<()>),
     DropOldest(u64, Vec<i64>, Reply<Vec<(Signal, u64)>>),
@@ -366,8 +397,27 @@ impl Spool {
             .await
     }
 
+    /// A replay run: the oldest row with `id > after_id` not in `claimed`,
+    /// and after it further unclaimed rows of its signal while their items and
+    /// bytes stay within `max_items` and `max_bytes` (the first row is taken
+    /// whatever its size). Empty when there is no such row.
+    pub async fn oldest_run(
+        &self,
+        after_id: i64,
+        claimed: HashSet<i64>,
+        max_items: u64,
+        max_bytes: u64,
+    ) -> Result<Vec<SpooledBatch>, SpoolError> {
+        self.call(|reply| Command::OldestRun(after_id, claimed, max_items, max_bytes, reply))
+            .await
+    }
+
     /// Deletes these rows in one transaction; ids no longer present are ignored.
-    /// Deletes that queue up behind one another share a transaction.
+    /// Deletes that queue up behind one another share a transaction. When the
+    /// delete cannot commit (a full disk) the rows become delete-pending:
+    /// excluded from reads and counts, retried in the background, and this
+    /// returns Ok; other failures leave them delete-pending too and return the
+    /// error.
     pub async fn delete(&self, ids: Vec<i64>) -> Result<(), SpoolError> {
         self.call(|reply| Command::Delete(ids, reply)).await
     }
@@ -475,6 +525,8 @@ fn delete_together(
             .iter()
             .flat_map(|(ids, _)| ids.iter().copied())
             .collect();
+        // A failed group delete leaves its rows delete-pending, so each
+        // caller then gets the answer of its own (empty) delete.
         if store.delete(&all).is_ok() {
             publish(stats, store.stats());
             for (_, reply) in group {
@@ -497,12 +549,28 @@ fn publish(shared: &Mutex<SpoolStats>, stats: &SpoolStats) {
 /// handle is dropped (then it closes the store itself).
 fn run_worker(mut store: Store, commands: mpsc::Receiver<Command>, stats: &Mutex<SpoolStats>) {
     let mut next = None;
-    while let Some(command) = next.take().or_else(|| commands.recv().ok()) {
+    loop {
+        store.maintain(std::time::Instant::now());
+        publish(stats, store.stats());
+        let command = match next.take() {
+            Some(command) => command,
+            None => match commands.recv_timeout(maintain::INTERVAL) {
+                Ok(command) => command,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            },
+        };
         match command {
             Command::Insert(batches, reply) => answer(reply, store.insert(&batches), &store, stats),
             Command::Oldest(after_id, limit, reply) => {
                 answer(reply, store.oldest(after_id, limit), &store, stats)
             }
+            Command::OldestRun(after_id, claimed, max_items, max_bytes, reply) => answer(
+                reply,
+                store.oldest_run(after_id, &claimed, max_items, max_bytes),
+                &store,
+                stats,
+            ),
             Command::OldestUnclaimed(after_id, claimed, reply) => answer(
                 reply,
                 store.oldest_unclaimed(after_id, &claimed),
@@ -526,6 +594,7 @@ fn run_worker(mut store: Store, commands: mpsc::Receiver<Command>, stats: &Mutex
                 answer(reply, result, &store, stats)
             }
             Command::Close(reply) => {
+                store.retry_pending();
                 publish(stats, store.stats());
                 // Reply only once the file is closed and the lock released.
                 let _ = reply.send(store.close());

@@ -182,7 +182,10 @@ pub(super) fn inspect(path: &Path) -> Result<Option<String>, SpoolError> {
             .query_map([], |r| r.get::<_, String>(0))?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         if problems != ["ok"] {
-            return Ok(Some(format!("quick_check failed: {}", problems.join("; "))));
+            return Ok(Some(format!(
+                "{QUICK_CHECK_FAILED}: {}",
+                problems.join("; ")
+            )));
         }
         if version == SCHEMA_VERSION {
             return column_mismatch(&conn);
@@ -201,12 +204,21 @@ pub(super) fn inspect(path: &Path) -> Result<Option<String>, SpoolError> {
         Ok(verdict) => Ok(verdict),
         Err(e) => match e.sqlite_error_code() {
             Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => {
-                Ok(Some(format!("unreadable: {e}")))
+                Ok(Some(format!("{UNREADABLE}: {e}")))
             }
             _ => Err(sql_err(path)(e)),
         },
     }
 }
+
+/// Whether a reason from [`inspect`] means a damaged telespool spool (whose
+/// readable rows are worth salvaging), not a file of another kind.
+pub(super) fn is_damage(why: &str) -> bool {
+    why.starts_with(QUICK_CHECK_FAILED) || why.starts_with(UNREADABLE)
+}
+
+const QUICK_CHECK_FAILED: &str = "quick_check failed";
+const UNREADABLE: &str = "unreadable";
 
 /// Renames `path` (and its -wal and -shm) to `<path>.corrupt-<unix seconds>`.
 pub(super) fn quarantine(path: &Path) -> Result<PathBuf, SpoolError> {

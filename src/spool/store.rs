@@ -2,7 +2,7 @@
 //! and the statements. Only the worker thread and the offline tools call it.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions, Permissions};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -12,9 +12,11 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 
 use super::checkpoint::Checkpointer;
+use super::disk::{FullReason, Headroom};
 use super::open::{
-    ensure_dir, ensure_files_private, file_err, inspect, lock, quarantine, SpoolLock,
+    ensure_dir, ensure_files_private, file_err, inspect, is_damage, lock, quarantine, SpoolLock,
 };
+use super::salvage::salvage;
 use super::{
     InsertOutcome, NewBatch, OpenReport, SpoolError, SpoolOptions, SpoolStats, SpooledBatch,
     Synchronous, APPLICATION_ID, SCHEMA_VERSION,
@@ -95,15 +97,31 @@ fn concat(chunks: &[Bytes]) -> Cow<'_, [u8]> {
 }
 
 /// Signal, items, bytes and created_ms of a deleted row.
-type Removed = (String, i64, i64, i64);
+pub(super) type Removed = (String, i64, i64, i64);
 
 /// An open spool: the connection, the lock, and counts kept in step with the table.
 pub(super) struct Store {
     /// Checkpoints the WAL on its own connection; stopped before `conn` closes.
     checkpointer: Option<Checkpointer>,
-    conn: Connection,
-    path: PathBuf,
-    stats: SpoolStats,
+    pub(super) conn: Connection,
+    pub(super) path: PathBuf,
+    /// Counts of the rows that are live: rows whose delete is pending are not
+    /// in them.
+    pub(super) stats: SpoolStats,
+    /// Rows upstream acknowledged whose delete did not commit (a full disk):
+    /// never handed out again, excluded from the counts, deleted by
+    /// `maintain`. Owned by the worker thread, like everything here.
+    pub(super) pending: BTreeMap<i64, Removed>,
+    /// The reserve file and the disk-full state (`disk.rs`).
+    pub(super) headroom: Headroom,
+    /// Why the last insert was refused for lack of room, while that lasts.
+    pub(super) full: Option<FullReason>,
+    pub(super) page_size: u64,
+    /// `PRAGMA auto_vacuum` of the file: 2 (incremental) for files this
+    /// version created; 0 for older ones until they are converted.
+    pub(super) auto_vacuum: i64,
+    /// Last time `maintain` ran.
+    pub(super) maintained: std::time::Instant,
     _lock: SpoolLock,
 }
 
@@ -121,6 +139,12 @@ impl Store {
                 quarantined = Some((quarantine(path)?, why));
             }
         }
+        // A telespool spool that is damaged (not a foreign or garbage file):
+        // its readable rows are copied into the fresh spool below.
+        let damaged = quarantined
+            .as_ref()
+            .filter(|(_, why)| is_damage(why))
+            .cloned();
         // Create the file ourselves so it is 0600 from the start; SQLite gives the
         // -wal and -shm files the same mode.
         OpenOptions::new()
@@ -140,18 +164,38 @@ impl Store {
             conn,
             path: path.to_owned(),
             stats: SpoolStats::default(),
+            pending: BTreeMap::new(),
+            headroom: Headroom::new(path, opts.max_bytes),
+            full: None,
+            page_size: 4096,
+            auto_vacuum: 0,
+            maintained: std::time::Instant::now(),
             _lock: lock,
         };
         store.configure(opts).map_err(sql_err(path))?;
         store.checkpointer = Some(Checkpointer::start(path, opts.synchronous)?);
+        let salvaged = damaged.map(|(moved, why)| salvage(&moved, &why, &mut store));
         store.refresh_stats()?;
         let stats = store.stats.clone();
-        Ok((store, OpenReport { quarantined, stats }))
+        let report = OpenReport {
+            quarantined,
+            salvaged,
+            stats,
+        };
+        Ok((store, report))
     }
 
     fn configure(&mut self, opts: &SpoolOptions) -> rusqlite::Result<()> {
         let conn = &self.conn;
         conn.busy_timeout(Duration::from_secs(5))?;
+        let objects: i64 =
+            conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
+        if objects == 0 {
+            // Only takes effect before the file's header is written (before
+            // WAL mode, before the first table): new files give their free
+            // pages back to the disk (`maintain.rs`).
+            conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
+        }
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(path = %self.path.display(), %mode, "SQLite refused WAL journal mode for the spool");
@@ -162,6 +206,7 @@ impl Store {
         };
         conn.pragma_update(None, "synchronous", sync)?;
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        self.page_size = page_size.max(512).unsigned_abs();
         let pages = i64::try_from(opts.max_bytes / page_size.max(1).unsigned_abs())
             .unwrap_or(i64::MAX)
             .max(1);
@@ -188,6 +233,8 @@ impl Store {
                  COMMIT;"
             ))?;
         }
+        let conn = &self.conn;
+        self.auto_vacuum = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
         Ok(())
     }
 
@@ -205,8 +252,50 @@ impl Store {
     }
 
     pub(super) fn refresh_stats(&mut self) -> Result<&SpoolStats, SpoolError> {
-        self.stats = compute_stats(&self.conn).map_err(sql_err(&self.path))?;
+        let mut stats = compute_stats(&self.conn).map_err(sql_err(&self.path))?;
+        for (signal, items, bytes, _) in self.pending.values() {
+            stats.rows = stats.rows.saturating_sub(1);
+            stats.bytes = stats.bytes.saturating_sub(bytes.unsigned_abs());
+            if let Ok(signal) = signal.parse::<Signal>() {
+                let i = signal.index();
+                stats.items[i] = stats.items[i].saturating_sub(items.unsigned_abs());
+            }
+        }
+        self.stats = stats;
+        self.sync_flags();
         Ok(&self.stats)
+    }
+
+    /// Copies the pending-delete and fullness state into `stats`.
+    pub(super) fn sync_flags(&mut self) {
+        self.stats.delete_pending_rows = self.pending.len() as u64;
+        self.stats.delete_pending_items = self.pending.values().map(|r| r.1.unsigned_abs()).sum();
+        if self.headroom.disk_full() {
+            self.full = Some(FullReason::Disk);
+        }
+        self.stats.full = self.full;
+    }
+
+    /// Bytes of free pages inside the file.
+    pub(super) fn free_in_file(&self) -> u64 {
+        let pages: i64 = self
+            .conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+            .unwrap_or(0);
+        pages.unsigned_abs().saturating_mul(self.page_size)
+    }
+
+    /// Records that an insert of about `bytes` found no room, and why.
+    fn record_full(&mut self, bytes: u64) {
+        let reason = self.headroom.reason(bytes);
+        if reason == FullReason::Disk && self.headroom.release() {
+            tracing::warn!(
+                path = %self.path.display(),
+                reserve_bytes = self.headroom.size(),
+                "the disk holding the spool is full; released the spool's reserve so deletes and checkpoints can run"
+            );
+        }
+        self.full = Some(reason);
     }
 
     /// Runs `f` in a write transaction; rolls back if it fails.
@@ -257,9 +346,30 @@ impl Store {
     }
 
     pub(super) fn insert(&mut self, batches: &[NewBatch]) -> Result<InsertOutcome, SpoolError> {
+        let result = self.insert_inner(batches);
+        self.sync_flags();
+        result
+    }
+
+    fn insert_inner(&mut self, batches: &[NewBatch]) -> Result<InsertOutcome, SpoolError> {
+        self.retry_pending();
+        let size = |b: &NewBatch| b.payload.iter().map(|c| c.len() as u64).sum::<u64>();
+        if self.headroom.disk_full() {
+            // Only into pages already free inside the file (`disk.rs`).
+            let want: u64 = batches.iter().map(size).sum::<u64>() * 11 / 10 + self.page_size;
+            if !self.headroom.admits(want, self.free_in_file()) {
+                self.full = Some(FullReason::Disk);
+                return Ok(InsertOutcome {
+                    written: 0,
+                    full: true,
+                    ids: Vec::new(),
+                });
+            }
+        }
         match self.transaction(|conn| Self::insert_rows(conn, batches)) {
             Ok(ids) => {
                 self.account_inserted(batches);
+                self.full = None;
                 return Ok(InsertOutcome {
                     written: batches.len(),
                     full: false,
@@ -279,15 +389,17 @@ impl Store {
                     ids.extend(id);
                 }
                 Err(e) if is_full(&e) => {
+                    self.record_full(size(batch));
                     return Ok(InsertOutcome {
                         written: i,
                         full: true,
                         ids,
-                    })
+                    });
                 }
                 Err(e) => return Err(sql_err(&self.path)(e)),
             }
         }
+        self.full = None;
         Ok(InsertOutcome {
             written: batches.len(),
             full: false,
@@ -295,74 +407,8 @@ impl Store {
         })
     }
 
-    pub(super) fn oldest(
-        &self,
-        after_id: i64,
-        limit: usize,
-    ) -> Result<Vec<SpooledBatch>, SpoolError> {
-        let sql = sql_err(&self.path);
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT id, signal, items, bytes, created_ms, attempts, payload
-                 FROM batches WHERE id > ?1 ORDER BY id LIMIT ?2",
-            )
-            .map_err(&sql)?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut rows = stmt.query(params![after_id, limit]).map_err(&sql)?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next().map_err(&sql)? {
-            out.push(decode_row(&self.path, row)?);
-        }
-        Ok(out)
-    }
-
-    /// The oldest row with `id > after_id` whose id is not in `claimed`. Reads
-    /// ids first, so rows held by others cost no payload read.
-    pub(super) fn oldest_unclaimed(
-        &self,
-        after_id: i64,
-        claimed: &HashSet<i64>,
-    ) -> Result<Option<SpooledBatch>, SpoolError> {
-        let sql = sql_err(&self.path);
-        let limit = i64::try_from(claimed.len() + 1).unwrap_or(i64::MAX);
-        let id = {
-            let mut stmt = self
-                .conn
-                .prepare_cached("SELECT id FROM batches WHERE id > ?1 ORDER BY id LIMIT ?2")
-                .map_err(&sql)?;
-            let ids = stmt
-                .query_map(params![after_id, limit], |r| r.get::<_, i64>(0))
-                .map_err(&sql)?;
-            let mut free = None;
-            for id in ids {
-                let id = id.map_err(&sql)?;
-                if !claimed.contains(&id) {
-                    free = Some(id);
-                    break;
-                }
-            }
-            free
-        };
-        let Some(id) = id else {
-            return Ok(None);
-        };
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT id, signal, items, bytes, created_ms, attempts, payload
-                 FROM batches WHERE id = ?1",
-            )
-            .map_err(&sql)?;
-        let mut rows = stmt.query([id]).map_err(&sql)?;
-        match rows.next().map_err(&sql)? {
-            Some(row) => Ok(Some(decode_row(&self.path, row)?)),
-            None => Ok(None),
-        }
-    }
-
     /// Deletes the rows and keeps `stats` in step.
-    fn remove(&mut self, removed: &[Removed]) -> rusqlite::Result<()> {
+    pub(super) fn remove(&mut self, removed: &[Removed]) -> rusqlite::Result<()> {
         let mut recompute_oldest = false;
         for (signal, items, bytes, created_ms) in removed {
             let s = &mut self.stats;
@@ -382,23 +428,58 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes the rows. Upstream has acknowledged them, so when the delete
+    /// cannot commit they become delete-pending rather than being handed out
+    /// again (`maintain.rs`): on a full disk that is not an error.
     pub(super) fn delete(&mut self, ids: &[i64]) -> Result<(), SpoolError> {
-        let removed = self
-            .transaction(|conn| {
-                let mut stmt = conn.prepare_cached(
-                    "DELETE FROM batches WHERE id = ?1 RETURNING signal, items, bytes, created_ms",
-                )?;
-                let mut removed = Vec::with_capacity(ids.len());
-                for id in ids {
-                    let row = stmt
-                        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                        .optional()?;
-                    removed.extend(row);
+        let ids: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|id| !self.pending.contains_key(id))
+            .collect();
+        let mut result = self.delete_rows(&ids);
+        if matches!(&result, Err(e) if is_full(e)) && self.headroom.release() {
+            result = self.delete_rows(&ids);
+        }
+        let result = match result {
+            Ok(removed) => {
+                if self.full == Some(FullReason::MaxBytes) && !removed.is_empty() {
+                    self.full = None;
                 }
-                Ok(removed)
-            })
-            .map_err(sql_err(&self.path))?;
-        self.remove(&removed).map_err(sql_err(&self.path))
+                self.remove(&removed).map_err(sql_err(&self.path))
+            }
+            Err(e) if is_full(&e) => {
+                self.headroom.release();
+                self.mark_pending(&ids);
+                Ok(())
+            }
+            Err(e) => {
+                self.mark_pending(&ids);
+                Err(sql_err(&self.path)(e))
+            }
+        };
+        self.sync_flags();
+        result
+    }
+
+    /// One transaction deleting `ids`; what it removed.
+    pub(super) fn delete_rows(&self, ids: &[i64]) -> rusqlite::Result<Vec<Removed>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.transaction(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "DELETE FROM batches WHERE id = ?1 RETURNING signal, items, bytes, created_ms",
+            )?;
+            let mut removed = Vec::with_capacity(ids.len());
+            for id in ids {
+                let row = stmt
+                    .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                    .optional()?;
+                removed.extend(row);
+            }
+            Ok(removed)
+        })
     }
 
     pub(super) fn record_attempt(&mut self, id: i64) -> Result<(), SpoolError> {
@@ -417,45 +498,64 @@ impl Store {
         if bytes_needed == 0 {
             return Ok(Vec::new());
         }
-        let removed = self
-            .transaction(|conn| {
-                let mut removed: Vec<Removed> = Vec::new();
-                let mut ids = Vec::new();
-                let mut freed = 0u64;
-                let mut stmt = conn.prepare_cached(
-                    "SELECT id, signal, items, bytes, created_ms FROM batches ORDER BY id",
-                )?;
-                let mut rows = stmt.query([])?;
-                while freed < bytes_needed {
-                    let Some(row) = rows.next()? else { break };
-                    let id: i64 = row.get(0)?;
-                    // Rows being exported right now are not evicted: their
-                    // fate is upstream's answer.
-                    if keep.contains(&id) {
-                        continue;
-                    }
-                    ids.push(id);
-                    let bytes: i64 = row.get(3)?;
-                    freed += bytes.unsigned_abs();
-                    removed.push((row.get(1)?, row.get(2)?, bytes, row.get(4)?));
-                }
-                drop(rows);
-                let mut delete = conn.prepare_cached("DELETE FROM batches WHERE id = ?1")?;
-                for id in ids {
-                    delete.execute([id])?;
-                }
-                Ok(removed)
-            })
-            .map_err(sql_err(&self.path))?;
+        let mut result = self.evict(bytes_needed, keep);
+        if matches!(&result, Err(e) if is_full(e)) && self.headroom.release() {
+            result = self.evict(bytes_needed, keep);
+        }
+        let removed = result.map_err(sql_err(&self.path))?;
         self.remove(&removed).map_err(sql_err(&self.path))?;
+        self.sync_flags();
         Ok(removed
             .iter()
             .filter_map(|(signal, items, _, _)| Some((signal.parse().ok()?, items.unsigned_abs())))
             .collect())
     }
 
+    /// One transaction deleting the oldest rows not in `keep` (nor
+    /// delete-pending) until `bytes_needed` are freed.
+    fn evict(&self, bytes_needed: u64, keep: &[i64]) -> rusqlite::Result<Vec<Removed>> {
+        self.transaction(|conn| {
+            let mut removed: Vec<Removed> = Vec::new();
+            let mut ids = Vec::new();
+            let mut freed = 0u64;
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, signal, items, bytes, created_ms FROM batches ORDER BY id",
+            )?;
+            let mut rows = stmt.query([])?;
+            while freed < bytes_needed {
+                let Some(row) = rows.next()? else { break };
+                let id: i64 = row.get(0)?;
+                // Rows being exported right now are not evicted: their
+                // fate is upstream's answer.
+                if keep.contains(&id) || self.pending.contains_key(&id) {
+                    continue;
+                }
+                ids.push(id);
+                let bytes: i64 = row.get(3)?;
+                freed += bytes.unsigned_abs();
+                removed.push((row.get(1)?, row.get(2)?, bytes, row.get(4)?));
+            }
+            drop(rows);
+            let mut delete = conn.prepare_cached("DELETE FROM batches WHERE id = ?1")?;
+            for id in ids {
+                delete.execute([id])?;
+            }
+            Ok(removed)
+        })
+    }
+
     /// Checkpoints the WAL into the file and truncates it, then closes.
     pub(super) fn close(mut self) -> Result<(), SpoolError> {
+        self.retry_pending();
+        if !self.pending.is_empty() {
+            self.sync_flags();
+            tracing::warn!(
+                path = %self.path.display(),
+                rows = self.stats.delete_pending_rows,
+                items = self.stats.delete_pending_items,
+                "rows upstream acknowledged are still in the spool (their delete could not commit); they will be sent again after restart"
+            );
+        }
         if let Some(mut checkpointer) = self.checkpointer.take() {
             checkpointer.stop();
         }

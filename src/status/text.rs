@@ -61,7 +61,13 @@ pub fn render(addr: &str, s: &Status) -> String {
             bytes(sp.max_bytes),
             percent(sp.bytes, sp.max_bytes),
             duration(Duration::from_millis(sp.oldest_age_ms)),
-            if sp.disk_full { ", DISK FULL" } else { "" }
+            if sp.disk_full {
+                ", DISK FULL: the spool's filesystem has no space left; free disk space"
+            } else if sp.max_bytes_reached {
+                ", FULL: at spool.max_bytes; raise it or restore upstream"
+            } else {
+                ""
+            }
         );
     }
     if let Some(l) = &s.export_latency {

@@ -18,8 +18,8 @@ use std::time::Duration;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use tokio::sync::mpsc;
 
-use crate::commands::admin_client as client;
 use crate::api::Status;
+use crate::commands::admin_client as client;
 use crate::commands::CommandError;
 
 pub mod draw;

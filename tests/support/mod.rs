@@ -15,6 +15,8 @@
 //! - [`held::Held`]: an HTTP/1 connection that holds a connection slot open.
 //! - [`tls`]: certificates made in the test, TLS clients that trust them.
 //! - [`admin`]: the admin API's generated tonic client, `get_status`, `watch`.
+//! - [`scrape`]: parsed `/metrics` and the accounting invariant.
+//! - [`tmpfs::Tmpfs`]: a small real filesystem that fills (mounted as root).
 //!
 //! Rules: loopback only, port 0, no fixed sleeps for readiness (poll with a
 //! deadline), every loop bounded in count and time.
@@ -30,8 +32,10 @@ pub mod http;
 pub mod http_upstream;
 pub mod ids;
 pub mod resources;
+pub mod scrape;
 pub mod sdk;
 pub mod tls;
+pub mod tmpfs;
 pub mod upstream;
 
 use std::collections::BTreeSet;

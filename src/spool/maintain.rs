@@ -1,0 +1,225 @@
+//! Upkeep the spool thread does between commands: deletes that were left
+//! pending, the disk-full state, and giving free pages back to the disk.
+//!
+//! # Delete pending
+//!
+//! A row whose batch upstream acknowledged must never be sent again by this
+//! process, even when its delete cannot commit (a full disk cannot take the
+//! WAL frames of a delete). Such a row is *delete-pending*: the worker keeps
+//! its id (and counts) in memory, leaves it out of every read, of the counts
+//! and of eviction, and retries the delete here. Were the agent to stop before
+//! the retry succeeds, the row is replayed at the next start: the only
+//! duplicate a full disk risks, and it is logged (with its items) at close.
+//!
+//! # Giving space back
+//!
+//! Freed pages stay in the file. Files this version creates use
+//! `auto_vacuum = INCREMENTAL`, and once at least half the file is free pages
+//! (and more than [`VACUUM_MIN_BYTES`]) each maintenance pass runs
+//! `PRAGMA incremental_vacuum(N)` for a bounded N, so the file shrinks in small
+//! steps (truncated at the next checkpoint) between commands, never in one long
+//! stall of ingest. A file from an older version (`auto_vacuum = NONE`) is
+//! converted with one `VACUUM` the first time it is empty, when that is cheap.
+
+use std::time::{Duration, Instant};
+
+use super::disk::FullReason;
+use super::store::{Removed, Store};
+
+/// How often the worker runs [`Store::maintain`] (also when idle).
+pub(super) const INTERVAL: Duration = Duration::from_millis(100);
+/// Free space below which the file is left as it is.
+const VACUUM_MIN_BYTES: u64 = 4 << 20;
+/// Pages per vacuum step while rows remain (pages may have to move).
+const VACUUM_STEP_BUSY: u64 = 1024;
+/// Pages per vacuum step when the spool is empty (pages only drop off the end).
+const VACUUM_STEP_EMPTY: u64 = 16384;
+
+impl Store {
+    /// Remembers `ids` as delete-pending and takes them out of the counts.
+    pub(super) fn mark_pending(&mut self, ids: &[i64]) {
+        let mut newly: Vec<Removed> = Vec::new();
+        for &id in ids {
+            if self.pending.contains_key(&id) {
+                continue;
+            }
+            let row = self.conn.query_row(
+                "SELECT signal, items, bytes, created_ms FROM batches WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            );
+            match row {
+                Ok(row) => {
+                    self.pending.insert(id, row.clone());
+                    newly.push(row);
+                }
+                Err(rusqlite::Error::QueryReturnedNoRows) => {}
+                Err(e) => {
+                    // Unknown size: still never handed out again.
+                    tracing::warn!(id, error = %e, "cannot read a spool row whose delete is pending");
+                    self.pending.insert(id, (String::new(), 0, 0, 0));
+                }
+            }
+        }
+        if newly.is_empty() {
+            return;
+        }
+        if self.pending.len() == newly.len() {
+            tracing::warn!(
+                path = %self.path.display(),
+                rows = newly.len(),
+                "cannot delete exported batches from the spool (disk full?); they are kept as delete pending, never sent again by this process, and the delete is retried"
+            );
+        }
+        if let Err(e) = self.remove(&newly) {
+            tracing::debug!(error = %e, "recomputing the oldest spool row");
+        }
+    }
+
+    /// Tries the pending deletes again, in one transaction.
+    pub(super) fn retry_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let ids: Vec<i64> = self.pending.keys().copied().collect();
+        match self.delete_rows(&ids) {
+            Ok(_) => {
+                tracing::info!(
+                    path = %self.path.display(),
+                    rows = ids.len(),
+                    "deleted the exported batches whose delete was pending"
+                );
+                self.pending.clear();
+            }
+            Err(e) => {
+                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+                    self.headroom.release();
+                }
+                tracing::debug!(error = %e, rows = ids.len(), "pending spool deletes still fail");
+            }
+        }
+        self.sync_flags();
+    }
+
+    /// One maintenance pass, at most every [`INTERVAL`].
+    pub(super) fn maintain(&mut self, now: Instant) {
+        if now.duration_since(self.maintained) < INTERVAL {
+            return;
+        }
+        self.maintained = now;
+        self.retry_pending();
+        self.vacuum_step();
+        if self.headroom.disk_full() && self.headroom.restore() {
+            tracing::info!(
+                path = %self.path.display(),
+                "the disk holding the spool has room again; spool reserve restored"
+            );
+            if self.full == Some(FullReason::Disk) {
+                self.full = None;
+            }
+        }
+        self.sync_flags();
+    }
+
+    fn page_counts(&self) -> rusqlite::Result<(u64, u64)> {
+        let pages: i64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let free: i64 = self
+            .conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        Ok((pages.unsigned_abs(), free.unsigned_abs()))
+    }
+
+    /// Shrinks the file by one bounded step if it is mostly free pages.
+    pub(super) fn vacuum_step(&mut self) {
+        let Ok((pages, free)) = self.page_counts() else {
+            return;
+        };
+        let empty = self.stats.rows == 0 && self.pending.is_empty();
+        if self.auto_vacuum != 2 {
+            if self.auto_vacuum == 0 && empty && pages * self.page_size > VACUUM_MIN_BYTES {
+                self.convert_to_incremental();
+            }
+            return;
+        }
+        if free * self.page_size <= VACUUM_MIN_BYTES || free * 2 < pages {
+            return;
+        }
+        let step = if empty {
+            VACUUM_STEP_EMPTY
+        } else {
+            VACUUM_STEP_BUSY
+        };
+        // The pragma frees one page per step of its statement (it returns a
+        // row per page), so all rows are read; one statement, one transaction.
+        let vacuumed = (|| {
+            let mut stmt = self
+                .conn
+                .prepare(&format!("PRAGMA incremental_vacuum({step})"))?;
+            let mut rows = stmt.query([])?;
+            while rows.next()?.is_some() {}
+            Ok::<(), rusqlite::Error>(())
+        })();
+        if let Err(e) = vacuumed {
+            if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+                self.headroom.release();
+            }
+            tracing::debug!(error = %e, "spool vacuum step failed; will retry");
+        }
+    }
+
+    /// An empty spool from an older version: one `VACUUM` (cheap when empty)
+    /// switches it to incremental vacuum and gives its free pages back.
+    fn convert_to_incremental(&mut self) {
+        let converted = self
+            .conn
+            .execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")
+            .and_then(|()| {
+                self.conn
+                    .query_row("PRAGMA auto_vacuum", [], |r| r.get::<_, i64>(0))
+            });
+        match converted {
+            Ok(mode) => {
+                self.auto_vacuum = mode;
+                tracing::info!(path = %self.path.display(), "spool is empty: vacuumed it and switched it to incremental vacuum");
+            }
+            Err(e) => {
+                // Not retried in a loop: mark it done for this run.
+                self.auto_vacuum = -1;
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot vacuum the empty spool; its file keeps its size");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{NewBatch, SpoolOptions};
+    use super::*;
+    use crate::signal::Signal;
+
+    #[test]
+    fn a_drained_spool_gives_its_pages_back_in_bounded_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.db");
+        let (mut store, _) = Store::open(&path, &SpoolOptions::default()).unwrap();
+        let rows: Vec<NewBatch> = (0..200)
+            .map(|i| NewBatch {
+                signal: Signal::Traces,
+                items: 1,
+                created_ms: i,
+                attempts: 0,
+                payload: vec![bytes::Bytes::from(vec![i as u8; 64 << 10])],
+            })
+            .collect();
+        let ids = store.insert(&rows).unwrap().ids;
+        store.delete(&ids).unwrap();
+        let (pages, free) = store.page_counts().unwrap();
+        assert!(free * 2 > pages, "{free} of {pages} pages free");
+        store.vacuum_step();
+        let (after, _) = store.page_counts().unwrap();
+        assert!(
+            pages - after >= free.min(VACUUM_STEP_EMPTY) - 1,
+            "one step frees a whole step: {pages} -> {after} pages"
+        );
+    }
+}

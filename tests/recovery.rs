@@ -1,0 +1,126 @@
+//! After an outage: the recovery probe brings export back within about one
+//! probe interval, and a long outage spills in one episode and leaves a small
+//! spool file after the drain.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+use tonic::Code;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_an_outage_longer_than_the_backoff_cap_export_resumes_within_two_seconds() {
+    let upstream = Upstream::start_with(Mode::Fail(Code::Unavailable)).await;
+    // Backoff cap 2 s, outage 6 s: without the probe the batches would be
+    // asleep for up to 2 s (in production 30 s) when upstream returns.
+    let agent = start_agent(
+        &upstream,
+        "[batch]\ntimeout = \"10ms\"\n\
+         [upstream.retry]\ninitial_backoff = \"500ms\"\nmax_backoff = \"2s\"\nprobe_interval = \"1s\"\n",
+    )
+    .await;
+    let mut sent = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        let ids = fresh_ids(50);
+        ok(send(agent.grpc_addr(), Signal::Traces, &ids).await);
+        sent.extend(ids);
+    }
+    ok(upstream
+        .wait_until("the agent tried", DEADLINE, |u| {
+            u.refused(Signal::Traces) > 0
+        })
+        .await);
+    let outage = Duration::from_secs(6);
+    tokio::time::sleep(outage).await;
+    let during = upstream.requests(Signal::Traces);
+    // One probe per second once failing (plus the first attempts and one
+    // probe after the initial backoff), not one request per batch per backoff.
+    assert!(
+        during <= 4 + 2 + outage.as_secs() as usize,
+        "{during} requests reached a failing upstream in {outage:?}"
+    );
+
+    upstream.set_mode(Mode::Healthy);
+    let back = Instant::now();
+    ok(upstream
+        .wait_until("a successful export", DEADLINE, |u| {
+            !u.received_ids(Signal::Traces).is_empty()
+        })
+        .await);
+    let lag = back.elapsed();
+    assert!(
+        lag <= Duration::from_secs(2),
+        "first successful export {lag:?} after upstream returned"
+    );
+    ok(upstream.wait_for_ids(Signal::Traces, &sent, DEADLINE).await);
+    upstream.assert_received_exactly(Signal::Traces, &sent);
+}
+
+fn file_len(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_outage_spills_in_one_episode_and_the_spool_file_shrinks_after_the_drain() {
+    let upstream = Upstream::start().await;
+    let agent = start_agent(
+        &upstream,
+        "[buffer]\nmax_bytes = \"2MiB\"\nmax_wait = \"50ms\"\n[receiver]\nmax_request_bytes = \"256KiB\"\n\
+         [batch]\nmax_bytes = \"256KiB\"\ntimeout = \"10ms\"\n\
+         [upstream.retry]\ninitial_backoff = \"100ms\"\nmax_backoff = \"500ms\"\nprobe_interval = \"200ms\"\n",
+    )
+    .await;
+    let sender = Sender::builder(agent.grpc_addr(), Signal::Logs)
+        .batch(100)
+        .workers(4)
+        .spec(ItemSpec::with_payload(400))
+        .max_duration(DEADLINE)
+        .start();
+    ok(sender.wait_acknowledged(1000, DEADLINE).await);
+    upstream.set_mode(Mode::Fail(Code::Unavailable));
+    // Load through the outage until the spool holds a good 16 MiB.
+    let spool = agent.spool_path().to_owned();
+    let started = Instant::now();
+    while file_len(&spool) < 16 << 20 {
+        assert!(started.elapsed() < DEADLINE, "the spool never grew");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let peak = file_len(&spool);
+    upstream.set_mode(Mode::Healthy);
+    let report = sender.stop().await;
+    ok(upstream
+        .wait_for_ids(Signal::Logs, &report.acknowledged, DEADLINE)
+        .await);
+    upstream.assert_received_all(Signal::Logs, &report.acknowledged);
+
+    let starts = agent
+        .stderr_lines()
+        .iter()
+        .filter(|l| l.contains("spill to spool started"))
+        .count();
+    assert_eq!(starts, 1, "one spill episode per outage");
+    let stops = agent
+        .stderr_lines()
+        .into_iter()
+        .filter(|l| l.contains("spill to spool stopped"))
+        .collect::<Vec<_>>();
+    assert_eq!(stops.len(), 1, "{stops:?}");
+    assert!(
+        agent::log_field(&stops[0], "items").is_some_and(|n| n != "0"),
+        "the stop line says what moved: {}",
+        stops[0]
+    );
+
+    ok(eventually("the spool file shrank", DEADLINE, || async {
+        let rows = ok(agent.metric("telespool_spool_rows").await).unwrap_or(1.0);
+        (rows == 0.0 && file_len(&spool) <= 4 << 20).then_some(())
+    })
+    .await);
+    eprintln!(
+        "spool file: {peak} bytes at the peak, {} after the drain",
+        file_len(&spool)
+    );
+}
