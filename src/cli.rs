@@ -17,7 +17,7 @@ use crate::config::{Config, ConfigError, LogFormat};
 #[command(
     name = "telespool",
     version,
-    about = "Node-local OpenTelemetry agent: OTLP in, batched OTLP/gRPC out, nothing acknowledged lost"
+    about = "Node-local OpenTelemetry agent: OTLP in, batched OTLP/gRPC or OTLP/HTTP out, nothing acknowledged lost"
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -118,7 +118,7 @@ pub struct Overrides {
     /// OTLP/HTTP listen address (receiver.http.listen).
     #[arg(long, global = true, value_name = "ADDR")]
     pub http_listen: Option<SocketAddr>,
-    /// Upstream OTLP/gRPC endpoint, http:// or https:// (upstream.endpoint).
+    /// Upstream OTLP endpoint, http:// or https:// (upstream.endpoint; see upstream.protocol).
     #[arg(long, global = true, value_name = "URL")]
     pub upstream: Option<String>,
     /// Spool file (spool.path).

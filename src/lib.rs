@@ -26,7 +26,7 @@
 //! lifecycle  shutdown reload systemd commands cli manual top
 //! edges      receiver admin
 //! pipeline   pipeline status
-//! stages     batch queue spool durable exporter resource
+//! stages     batch queue spool durable exporter resource probe
 //! leaves     signal config reloadable task activation api retry wire metrics tls buffer
 //! ```
 #![forbid(unsafe_code)]
