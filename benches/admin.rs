@@ -4,6 +4,9 @@
 //!
 //! `cargo bench --bench admin`. The agent's state is a real pipeline over a
 //! real spool in a temporary directory, with every counter series created.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -24,6 +24,9 @@
 //!
 //! Transports: OTLP/gRPC over TCP (most scenarios), over a Unix socket
 //! (`typical-uds`) and over TLS (`typical-tls`), and OTLP/HTTP (`typical-http`).
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 #[path = "../tests/support/mod.rs"]
 mod support;

@@ -2,6 +2,9 @@
 //!
 //! `cargo bench --bench spool`. Files live in a temporary directory, so the figures
 //! are for whatever disk backs `$TMPDIR`.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 use std::time::{Duration, Instant};
 

@@ -15,6 +15,9 @@
 //! `walk_stamp_keep` / `walk_stamp_replace` (three attributes, one of which,
 //! `service.name`, the request already has: kept, or cut out and replaced),
 //! and `prost_decode_stamp_encode`, what a decoding agent would do.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

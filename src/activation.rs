@@ -93,6 +93,10 @@ pub fn take_from_env() -> Result<Inherited, ActivationError> {
     let names = std::env::var("LISTEN_FDNAMES").ok();
     // Reads LISTEN_FDS / LISTEN_PID and removes both from the environment.
     let mut fds = listenfd::ListenFd::from_env();
+    // Once, while binding, before any task that reads the environment is
+    // spawned (listenfd clears LISTEN_FDS and LISTEN_PID the same way), so
+    // a child process never inherits sockets meant for us.
+    #[allow(clippy::disallowed_methods)]
     std::env::remove_var("LISTEN_FDNAMES");
     if fds.len() == 0 {
         return Ok(Inherited::default());

@@ -8,7 +8,9 @@
 //! than `batch.timeout`. The async loop that drives the timeout lives in
 //! `pipeline.rs`.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 

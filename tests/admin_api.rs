@@ -2,6 +2,9 @@
 //! the tonic client generated from `proto/`: its totals against what the test
 //! sent, what upstream received and what `/metrics` says; `Watch` under load
 //! and across a SIGTERM; the bound on watchers.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

@@ -1,5 +1,8 @@
 //! `telespool status` (text and `--json`) and `telespool top --once` against
 //! a live agent, and their error when no agent answers.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

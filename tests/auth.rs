@@ -1,5 +1,8 @@
 //! Bearer tokens on the receivers (`receiver.auth.token_file`) and upstream
 //! headers from a file (`upstream.headers_file`), through the real binary.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

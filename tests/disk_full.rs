@@ -1,5 +1,8 @@
 //! The spool on a small real filesystem that fills up (a tmpfs the test
 //! mounts; skipped with a message where mounting is not allowed).
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

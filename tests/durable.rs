@@ -1,5 +1,8 @@
 //! Durable acknowledgements: with `durability = "spool"` an OK means the data
 //! is committed to the spool, so a SIGKILL loses nothing acknowledged.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

@@ -1,6 +1,9 @@
 //! The harness proves itself without the agent: clients and the SDK talk to
 //! the in-process upstream directly, and a shell script stands in for the
 //! agent process.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

@@ -1,6 +1,9 @@
 //! OTLP/HTTP receiver, end to end through the real binary: SDK exporters in
 //! protobuf and JSON mode, hand-written OTLP/JSON documents, every error
 //! status with a body naming the problem, CORS, backpressure and shutdown.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

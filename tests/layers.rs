@@ -1,6 +1,9 @@
 //! The crate-root doc's layer table (src/lib.rs) is true of the source: every
 //! top-level module is in the table, imports only its own layer or those
 //! below, and the module imports have no cycle.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -1,6 +1,9 @@
 //! Receiver limits through the real binary: the body deadline cuts off clients
 //! that trickle bytes (HTTP 408, gRPC DEADLINE_EXCEEDED) while others are
 //! served, and the per-listener connection limit holds under a burst.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

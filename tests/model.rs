@@ -28,6 +28,9 @@
 //! - what the runs counted as accepted is exactly what was acknowledged;
 //!
 //! and at the end the spool is empty.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

@@ -1,6 +1,9 @@
 //! The shipped alert rules and dashboard against a real Prometheus server
 //! scraping a real agent under load (Debian's `prometheus` package; `.ci/run`
 //! installs it). Skipped, saying so, when `prometheus` is not on PATH.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

@@ -1,5 +1,8 @@
 //! Operability: /metrics against real counts, readiness and gRPC health at
 //! shutdown, the accounting invariant, and the operator commands.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

@@ -1,6 +1,9 @@
 //! Day-one operations through the real binary: every config key from the
 //! environment, the generated manual pages and completions, and
 //! `spool.max_age` at replay.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

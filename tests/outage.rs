@@ -1,5 +1,8 @@
 //! Upstream outages and overload: spill to the spool, replay when upstream
 //! returns, bounded disk, flapping, partial success.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

@@ -10,6 +10,9 @@
 //!   413) while the agent keeps serving, and the agent's peak RSS (VmHWM)
 //!   grows by no more than a few times the limit: the bombs are never
 //!   expanded in memory.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

@@ -1,6 +1,9 @@
 //! After an outage: the recovery probe brings export back within about one
 //! probe interval, and a long outage spills in one episode and leaves a small
 //! spool file after the drain.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

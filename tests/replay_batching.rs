@@ -1,5 +1,8 @@
 //! Replay builds upstream requests from several spool rows, so a durable
 //! backlog drains to a distant (slow) upstream as fast as memory mode's.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

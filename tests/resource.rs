@@ -1,6 +1,9 @@
 //! `[resource]`: attributes stamped on every resource on arrival, through the
 //! real binary, from the OpenTelemetry SDK and the harness client to the
 //! in-process upstream, across a spool and a restart.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

@@ -1,5 +1,8 @@
 //! systemd notifications from the real binary, received on a Unix datagram
 //! socket the test passes as `NOTIFY_SOCKET` (standing in for systemd).
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

@@ -1,6 +1,9 @@
 //! `shutdown.timeout` is a hard deadline: a spool that cannot be written
 //! (another process holds SQLite's exclusive lock, so every write blocks) must
 //! not hold the agent past it. The real binary, real signals, a real lock.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

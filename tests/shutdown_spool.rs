@@ -1,4 +1,7 @@
 //! Shutdown, spool and replay through the real binary and real signals.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

@@ -7,6 +7,9 @@
 //! kernel's backlog: a client never sees "connection refused", and every
 //! request it retries like an OTLP SDK does (UNAVAILABLE → retry) is
 //! acknowledged and reaches upstream.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

@@ -1,4 +1,7 @@
 //! The SQLite spool against real files in temporary directories.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 use std::collections::HashSet;
 use std::fs;

@@ -1,4 +1,7 @@
 //! Spool directory and file permissions are checked at start, through the real binary.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

@@ -1,5 +1,8 @@
 //! A spool with garbage over some of its pages: moved aside, its readable
 //! rows salvaged into a fresh spool and replayed, the rest counted.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

@@ -4,6 +4,9 @@
 //! every request completes once the bodies in the agent finish; a client that
 //! ignores it gets RST_STREAM(REFUSED_STREAM) for each stream over the limit,
 //! which is safe to retry because the agent never saw the request.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

@@ -1,6 +1,9 @@
 //! TLS and mutual TLS on the receivers and to upstream, start-up errors for
 //! bad files, and SIGHUP reloads of certificates and tokens, through the real
 //! binary with certificates made in the test.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

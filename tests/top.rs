@@ -2,6 +2,9 @@
 //! agent, quits on `q` and gives the terminal back as it found it.
 //!
 //! Skipped, saying so, when tmux is not installed.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

@@ -3,6 +3,9 @@
 //! and group, are removed at shutdown, a killed agent's stale socket does not
 //! block the next start, anything else at the path is refused and left alone,
 //! and the connection limit holds on the socket as on TCP.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

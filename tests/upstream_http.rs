@@ -3,6 +3,9 @@
 //! the answers the OTLP/HTTP specification defines (503 + Retry-After, 400 +
 //! Status), per-signal URLs, TLS with HTTP/2, SIGHUP header reloads; gRPC
 //! with zstd; and the config errors of a bad upstream.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

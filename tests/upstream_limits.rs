@@ -3,6 +3,9 @@
 //! above 1 MiB, fed 160 KB requests and 3 MiB requests of several resource
 //! entries, receive every id; only a resource entry larger than the limit on
 //! its own is dropped, and counted. Spooled rows replay through the same path.
+// Tests and benches drive real processes and sockets: wall-clock time,
+// not tokio's (clippy.toml keeps std's Instant out of the agent's code).
+#![allow(clippy::disallowed_types)]
 
 mod support;
 

@@ -2,7 +2,9 @@
 //! since, last error. Logged on each change of state.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use super::ExportFailure;
 

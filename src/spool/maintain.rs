@@ -21,7 +21,9 @@
 //! stall of ingest. A file from an older version (`auto_vacuum = NONE`) is
 //! converted with one `VACUUM` the first time it is empty, when that is cheap.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::disk::FullReason;
 use super::store::{Removed, Store};

@@ -550,7 +550,7 @@ fn publish(shared: &Mutex<SpoolStats>, stats: &SpoolStats) {
 fn run_worker(mut store: Store, commands: mpsc::Receiver<Command>, stats: &Mutex<SpoolStats>) {
     let mut next = None;
     loop {
-        store.maintain(std::time::Instant::now());
+        store.maintain(tokio::time::Instant::now());
         publish(stats, store.stats());
         let command = match next.take() {
             Some(command) => command,

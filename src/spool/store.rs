@@ -121,7 +121,7 @@ pub(super) struct Store {
     /// version created; 0 for older ones until they are converted.
     pub(super) auto_vacuum: i64,
     /// Last time `maintain` ran.
-    pub(super) maintained: std::time::Instant,
+    pub(super) maintained: tokio::time::Instant,
     _lock: SpoolLock,
 }
 
@@ -169,7 +169,7 @@ impl Store {
             full: None,
             page_size: 4096,
             auto_vacuum: 0,
-            maintained: std::time::Instant::now(),
+            maintained: tokio::time::Instant::now(),
             _lock: lock,
         };
         store.configure(opts).map_err(sql_err(path))?;
