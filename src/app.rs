@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
@@ -131,44 +130,11 @@ impl Listeners {
     }
 }
 
-/// The running stages, as `run` assembles them.
+/// The running stages, as `run` assembles them: the whole config beside the
+/// handles the shutdown sequence will stop.
 pub struct Agent {
     pub config: Config,
-    pub metrics: Arc<Metrics>,
-    pub pipeline: Arc<Pipeline>,
-    pub receiver: Arc<Receiver>,
-    pub admin: Arc<AdminState>,
-    pub health: tonic_health::server::HealthReporter,
-    /// Closes the OTLP listeners (graceful: in-flight requests complete).
-    pub close_listeners: CancellationToken,
-    /// Stops background loops (batch timer, spiller) and replay intake.
-    pub stop_background: CancellationToken,
-    pub servers: TaskTracker,
-    pub exporters: TaskTracker,
-    pub background: TaskTracker,
-    pub panics: PanicFlag,
-    pub tokens: ShutdownTokens,
-}
-
-impl Agent {
-    /// The handles the shutdown sequence stops, in its order.
-    fn into_stages(self) -> shutdown::Stages {
-        shutdown::Stages {
-            config: self.config.shutdown,
-            metrics: self.metrics,
-            pipeline: self.pipeline,
-            receiver: self.receiver,
-            admin: self.admin,
-            health: self.health,
-            close_listeners: self.close_listeners,
-            stop_background: self.stop_background,
-            servers: self.servers,
-            exporters: self.exporters,
-            background: self.background,
-            panics: self.panics,
-            tokens: self.tokens,
-        }
-    }
+    pub stages: shutdown::Stages,
 }
 
 /// Run the agent until the shutdown sequence completes. `files` is
@@ -252,21 +218,24 @@ pub async fn run(
         .await;
 
     let agent = Agent {
+        stages: shutdown::Stages {
+            config: config.shutdown.clone(),
+            metrics,
+            pipeline,
+            receiver,
+            admin,
+            health,
+            // Cancelled by the shutdown sequence in its order; children of
+            // `force`, so the one tree's root stops everything.
+            close_listeners: tokens.force.child_token(),
+            stop_background: tokens.force.child_token(),
+            servers: TaskTracker::new(),
+            exporters: TaskTracker::new(),
+            background: TaskTracker::new(),
+            panics: PanicFlag::default(),
+            tokens,
+        },
         config,
-        metrics,
-        pipeline,
-        receiver,
-        admin,
-        health,
-        // Cancelled by the shutdown sequence in its order; children of
-        // `force`, so the one tree's root stops everything.
-        close_listeners: tokens.force.child_token(),
-        stop_background: tokens.force.child_token(),
-        servers: TaskTracker::new(),
-        exporters: TaskTracker::new(),
-        background: TaskTracker::new(),
-        panics: PanicFlag::default(),
-        tokens,
     };
 
     let addr = |l: &Option<TcpListener>| {
@@ -279,12 +248,12 @@ pub async fn run(
         addr(&listeners.http),
         addr(&listeners.admin),
     );
-    let (grpc_socket, http_socket) = record_listening(&agent.metrics, &listeners);
+    let (grpc_socket, http_socket) = record_listening(&agent.stages.metrics, &listeners);
 
     if listeners.grpc.is_some() || listeners.grpc_unix.is_some() {
-        let mut otlp = receiver::grpc::router(agent.receiver.clone());
+        let mut otlp = receiver::grpc::router(agent.stages.receiver.clone());
         if let Some(tokens) = &tokens_required {
-            let receiver = agent.receiver.clone();
+            let receiver = agent.stages.receiver.clone();
             otlp = auth::require_token(otlp, tokens.clone(), receiver, auth::Protocol::Grpc);
         }
         // Health stays outside the token check, so probes need no token.
@@ -304,7 +273,7 @@ pub async fn run(
     }
     if listeners.http.is_some() || listeners.http_unix.is_some() {
         let router = receiver::http::router(
-            agent.receiver.clone(),
+            agent.stages.receiver.clone(),
             &agent.config.receiver.http.cors,
             tokens_required.clone(),
         );
@@ -321,11 +290,12 @@ pub async fn run(
     }
     if let Some(listener) = listeners.admin {
         // The admin listener stays up through shutdown so /readyz shows 503.
-        let stop = agent.tokens.force.clone();
-        let router = admin::router(agent.admin.clone(), stop.clone());
+        let stop = agent.stages.tokens.force.clone();
+        let router = admin::router(agent.stages.admin.clone(), stop.clone());
         agent
+            .stages
             .panics
-            .spawn(&agent.background, "admin server", async move {
+            .spawn(&agent.stages.background, "admin server", async move {
                 let result = axum::serve(listener, router)
                     .with_graceful_shutdown(stop.cancelled_owned())
                     .await;
@@ -336,12 +306,12 @@ pub async fn run(
     }
 
     start_pipeline_tasks(&agent);
-    agent.panics.spawn(
-        &agent.background,
+    agent.stages.panics.spawn(
+        &agent.stages.background,
         "reloader",
-        reloader.run(reload, agent.stop_background.clone()),
+        reloader.run(reload, agent.stages.stop_background.clone()),
     );
-    agent.admin.ready.store(true, Ordering::Release);
+    agent.stages.admin.ready.store(true, Ordering::Release);
     tracing::info!(
         grpc = %grpc_addr,
         http = %http_addr,
@@ -361,13 +331,13 @@ pub async fn run(
     }
     crate::systemd::ready(
         &status,
-        &agent.panics,
-        &agent.background,
-        agent.tokens.force.clone(),
+        &agent.stages.panics,
+        &agent.stages.background,
+        agent.stages.tokens.force.clone(),
     );
 
-    agent.tokens.begin.cancelled().await;
-    Ok(shutdown::run(agent.into_stages()).await)
+    agent.stages.tokens.begin.cancelled().await;
+    Ok(shutdown::run(agent.stages).await)
 }
 
 /// `telespool drain`: no listeners; replay the spool until it is empty or
@@ -463,7 +433,7 @@ fn server_tls(
             config.clone(),
             agent.config.receiver.header_timeout,
             listener,
-            agent.metrics.tls_handshake_failures.clone(),
+            agent.stages.metrics.tls_handshake_failures.clone(),
         )
     })
 }
@@ -501,7 +471,8 @@ fn serve_both(
     tls: Option<ServerTls>,
 ) {
     if let Some(listener) = tcp {
-        let listener = connections::NoDelayListener::new(listener, agent.close_listeners.clone());
+        let listener =
+            connections::NoDelayListener::new(listener, agent.stages.close_listeners.clone());
         serve(agent, names[0], listener, router.clone(), tls.clone());
     }
     if let Some(listener) = unix {
@@ -523,30 +494,35 @@ fn serve<L: axum::serve::Listener>(
         router,
         limits,
         tls,
-        agent.close_listeners.clone(),
-        agent.panics.clone(),
+        agent.stages.close_listeners.clone(),
+        agent.stages.panics.clone(),
     );
-    agent.panics.spawn(&agent.servers, name, serving);
+    agent
+        .stages
+        .panics
+        .spawn(&agent.stages.servers, name, serving);
 }
 
 fn start_pipeline_tasks(agent: &Agent) {
-    let p = &agent.pipeline;
-    let panics = &agent.panics;
+    let p = &agent.stages.pipeline;
+    let panics = &agent.stages.panics;
     panics.spawn(
-        &agent.background,
+        &agent.stages.background,
         "batch timer",
-        p.clone().run_batch_timer(agent.stop_background.clone()),
+        p.clone()
+            .run_batch_timer(agent.stages.stop_background.clone()),
     );
     panics.spawn(
-        &agent.background,
+        &agent.stages.background,
         "spiller",
-        p.clone().run_spiller(agent.stop_background.clone()),
+        p.clone().run_spiller(agent.stages.stop_background.clone()),
     );
     for _ in 0..agent.config.upstream.concurrency {
         panics.spawn(
-            &agent.exporters,
+            &agent.stages.exporters,
             "export worker",
-            p.clone().run_export_worker(agent.tokens.force.clone()),
+            p.clone()
+                .run_export_worker(agent.stages.tokens.force.clone()),
         );
     }
     // Durable mode sends everything through the spool: replay is the export path.
@@ -555,16 +531,19 @@ fn start_pipeline_tasks(agent: &Agent) {
         false => (agent.config.upstream.concurrency / 2).max(1),
     };
     panics.spawn(
-        &agent.exporters,
+        &agent.stages.exporters,
         "durable writer",
-        p.clone().run_durable_writer(agent.tokens.force.clone()),
+        p.clone()
+            .run_durable_writer(agent.stages.tokens.force.clone()),
     );
     for _ in 0..replay_workers {
         panics.spawn(
-            &agent.exporters,
+            &agent.stages.exporters,
             "replay worker",
-            p.clone()
-                .run_replay_worker(agent.stop_background.clone(), agent.tokens.force.clone()),
+            p.clone().run_replay_worker(
+                agent.stages.stop_background.clone(),
+                agent.stages.tokens.force.clone(),
+            ),
         );
     }
 }
