@@ -12,56 +12,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal::SIGTERM;
+use support::scrape::{assert_accounting, scrape, value};
 use support::*;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 const DEADLINE: Duration = Duration::from_secs(20);
-
-/// Every sample of a scrape, parsed with a Prometheus text-format parser.
-async fn scrape(agent: &AgentProcess) -> prometheus_parse::Scrape {
-    let (status, body) = ok(agent.admin_get("/metrics").await);
-    assert_eq!(status, 200);
-    let lines = body.lines().map(|l| Ok(l.to_owned()));
-    ok(prometheus_parse::Scrape::parse(lines))
-}
-
-fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name)
-        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
-}
-
-/// accepted + spooled_at_start = forwarded + dropped + buffered + spooled_now, per signal.
-#[track_caller]
-fn assert_accounting(scrape: &prometheus_parse::Scrape, signal: Signal) {
-    let s = [("signal", signal.as_str())];
-    let accepted = value(
-        scrape,
-        "telespool_received_items_total",
-        &[("signal", signal.as_str()), ("outcome", "accepted")],
-    );
-    let at_start = value(scrape, "telespool_spooled_at_start_items", &s);
-    let forwarded = value(scrape, "telespool_forwarded_items_total", &s);
-    let dropped = value(scrape, "telespool_dropped_items_total", &s);
-    let spooled_now = value(scrape, "telespool_spool_held_items", &s);
-    let buffered = value(scrape, "telespool_buffered_items", &s);
-    assert_eq!(
-        accepted + at_start,
-        forwarded + dropped + buffered + spooled_now,
-        "{signal}: accepted {accepted} + at start {at_start} != forwarded {forwarded} + dropped {dropped} + buffered {buffered} + spooled {spooled_now}"
-    );
-}
 
 async fn quiet(agent: &AgentProcess) {
     ok(eventually("nothing buffered", DEADLINE, || async {

@@ -9,6 +9,7 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal::SIGTERM;
@@ -47,6 +48,39 @@ fn config(durability: &str) -> String {
     )
 }
 
+/// An agent in `durability` mode whose upstream is down (its port closed).
+async fn agent_with_upstream_down(durability: &str) -> AgentProcess {
+    let upstream = Upstream::start().await;
+    let endpoint = upstream.endpoint();
+    upstream.stop().await;
+    ok(AgentProcess::builder()
+        .upstream(&endpoint)
+        .config_toml(&config(durability))
+        .start()
+        .await)
+}
+
+/// SIGTERM, then the exit status (None: still running after a long wait)
+/// and how long the exit took.
+async fn sigterm_and_wait(agent: &mut AgentProcess) -> (Option<ExitStatus>, Duration) {
+    let signalled = Instant::now();
+    agent.signal(SIGTERM);
+    let status = agent.wait_exit(TIMEOUT + Duration::from_secs(20)).await;
+    (status, signalled.elapsed())
+}
+
+/// Exit status 1, within `shutdown.timeout` plus the margin.
+#[track_caller]
+fn assert_cut_exit(agent: &AgentProcess, status: Option<ExitStatus>, took: Duration) {
+    let status = status.expect("agent exits");
+    assert_eq!(status.code(), Some(1), "{}", agent.stderr());
+    assert!(
+        took < TIMEOUT + MARGIN,
+        "exit within shutdown.timeout ({TIMEOUT:?}) plus {MARGIN:?}, took {took:?}\n{}",
+        agent.stderr()
+    );
+}
+
 #[track_caller]
 fn assert_cut(agent: &AgentProcess, step: &str) {
     let line = agent.summary_line().unwrap_or_default();
@@ -61,14 +95,7 @@ fn assert_cut(agent: &AgentProcess, step: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_with_upstream_down_and_the_spool_locked_exits_within_the_timeout_counting_what_was_not_spooled(
 ) {
-    let upstream = Upstream::start().await;
-    let endpoint = upstream.endpoint();
-    upstream.stop().await;
-    let mut agent = ok(AgentProcess::builder()
-        .upstream(&endpoint)
-        .config_toml(&config("memory"))
-        .start()
-        .await);
+    let mut agent = agent_with_upstream_down("memory").await;
     let client = Client::new(agent.grpc_addr());
     let mut sent = BTreeSet::new();
     for _ in 0..20 {
@@ -78,19 +105,10 @@ async fn sigterm_with_upstream_down_and_the_spool_locked_exits_within_the_timeou
     }
     let lock = lock_spool(agent.spool_path());
 
-    let signalled = Instant::now();
-    agent.signal(SIGTERM);
-    let status = agent.wait_exit(TIMEOUT + Duration::from_secs(20)).await;
-    let took = signalled.elapsed();
+    let (status, took) = sigterm_and_wait(&mut agent).await;
     drop(lock);
 
-    let status = status.expect("agent exits");
-    assert_eq!(status.code(), Some(1), "{}", agent.stderr());
-    assert!(
-        took < TIMEOUT + MARGIN,
-        "exit within shutdown.timeout ({TIMEOUT:?}) plus {MARGIN:?}, took {took:?}\n{}",
-        agent.stderr()
-    );
+    assert_cut_exit(&agent, status, took);
     assert_cut(&agent, "spool");
     // Nothing reached the spool, and everything acknowledged is counted.
     let (_, spooled_items) = spool_contents(agent.spool_path());
@@ -108,14 +126,7 @@ async fn sigterm_with_upstream_down_and_the_spool_locked_exits_within_the_timeou
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn durable_sigterm_with_the_spool_locked_refuses_the_uncommitted_request_and_exits_within_the_timeout(
 ) {
-    let upstream = Upstream::start().await;
-    let endpoint = upstream.endpoint();
-    upstream.stop().await;
-    let mut agent = ok(AgentProcess::builder()
-        .upstream(&endpoint)
-        .config_toml(&config("spool"))
-        .start()
-        .await);
+    let mut agent = agent_with_upstream_down("spool").await;
     let client = Client::new(agent.grpc_addr());
     let mut committed = BTreeSet::new();
     for _ in 0..5 {
@@ -143,20 +154,11 @@ async fn durable_sigterm_with_the_spool_locked_refuses_the_uncommitted_request_a
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let signalled = Instant::now();
-    agent.signal(SIGTERM);
-    let status = agent.wait_exit(TIMEOUT + Duration::from_secs(20)).await;
-    let took = signalled.elapsed();
+    let (status, took) = sigterm_and_wait(&mut agent).await;
     let answer = ok(tokio::time::timeout(Duration::from_secs(10), waiting).await);
     drop(lock);
 
-    let status = status.expect("agent exits");
-    assert_eq!(status.code(), Some(1), "{}", agent.stderr());
-    assert!(
-        took < TIMEOUT + MARGIN,
-        "exit within shutdown.timeout ({TIMEOUT:?}) plus {MARGIN:?}, took {took:?}\n{}",
-        agent.stderr()
-    );
+    assert_cut_exit(&agent, status, took);
     let refused = ok(answer).expect_err("the uncommitted request must not be acknowledged");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(agent
