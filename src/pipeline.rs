@@ -13,9 +13,13 @@
 //! forgotten. A batch that came from the spool carries its row id; its row is
 //! deleted only after upstream acknowledged it (or rejected it for good).
 //!
+//! The mode is chosen once, at start ([`Ingest`]): in memory mode requests
+//! go to the batchers, in durable mode to the group-commit writer
+//! (`durable.rs`, which also hands committed rows to the replay workers).
+//!
 //! This file holds ingest, batching and export; the spool side (spilling,
-//! durable commits and their hand-off, replay workers and their claims) is in
-//! `pipeline/spooled.rs`.
+//! replay runs, finishing and releasing rows, the spiller and replay loops)
+//! is [`Spooled`], in `pipeline/spooled.rs`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,13 +28,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{Batch, Batcher, Limits, Origin};
 use crate::buffer::MemoryBudget;
-use crate::config::{Config, Durability, RetryConfig, WhenFull};
-use crate::durable::{Handoff, Pending};
+use crate::config::{Config, Durability, RetryConfig};
+use crate::durable::{DurableIngest, DurableWriter, Refusal};
 use crate::exporter::Upstream;
 use crate::metrics::{DropReason, Metrics};
 use crate::probe::{Admit, Gate, Outcome};
@@ -43,9 +47,7 @@ mod parts;
 mod spool_writes;
 mod spooled;
 
-use spool_writes::SpoolWrites;
-
-use spooled::ReplayClaims;
+pub use spooled::Spooled;
 
 /// Why `ingest` refused a request. Both are retryable for the client.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -68,38 +70,31 @@ pub struct Pipeline {
     budget: Arc<MemoryBudget>,
     max_wait: Duration,
     retry: RetryConfig,
-    when_full: WhenFull,
     lanes: [Mutex<Lane>; 3],
     /// Wakes the batch timer when a lane opens a batch.
     timer: Notify,
     queue: ExportQueue,
     accepting: AtomicBool,
     metrics: Arc<Metrics>,
-    spool: Spool,
     upstream: Option<Upstream>,
     /// Memory batches whose export shutdown cut off; they go to the spool.
     cut: Mutex<Vec<Batch>>,
-    replay: Mutex<ReplayClaims>,
-    /// Held while replay claims a row and while eviction picks rows, so a row
-    /// is never both evicted and exported.
-    claim_or_evict: tokio::sync::Mutex<()>,
-    /// Wakes replay workers when rows were added to the spool.
-    replay_wake: Notify,
-    /// Durable mode: requests go to the group-commit writer instead of the
-    /// batchers. `None` in memory mode, and once shutdown closed the pipeline.
-    durable: Mutex<Option<mpsc::Sender<Pending>>>,
-    durable_rx: Mutex<Option<mpsc::Receiver<Pending>>>,
-    /// Durable mode: committed rows on their way upstream from memory.
-    handoff: Option<Handoff>,
-    max_row_bytes: u64,
-    /// Memory batches inside an unfinished spool write (for the shutdown count).
-    spool_writes: SpoolWrites,
-    /// `spool.max_age`: expired rows are deleted before replay claims a row.
-    expiry: Option<crate::spool::ExpirySweeper>,
-    /// `batch.max_items`: the most items replay puts in one request.
-    replay_max_items: u64,
+    ingest: Ingest,
+    spooled: Spooled,
     /// While upstream is failing, lets one probe export through at a time.
     probe: Gate,
+}
+
+/// Where requests go, fixed at start by `durability`.
+enum Ingest {
+    /// Into the batchers; acknowledged once in memory.
+    Memory,
+    /// To the group-commit writer; acknowledged once committed to the spool.
+    Durable {
+        commits: DurableIngest,
+        /// Taken once, by [`Pipeline::run_durable_writer`].
+        writer: Mutex<Option<DurableWriter>>,
+    },
 }
 
 struct Lane {
@@ -130,32 +125,42 @@ impl Pipeline {
                 open: true,
             })
         };
-        let (durable, durable_rx, handoff) = match config.durability {
+        // Rows (durable commits, replay runs) stay below what upstream takes.
+        let max_row_bytes = config
+            .batch
+            .max_bytes
+            .0
+            .min(config.upstream.max_request_bytes.0);
+        let budget = MemoryBudget::new(config.buffer.max_bytes.0);
+        let (ingest, handoff) = match config.durability {
             Durability::Spool => {
-                let (tx, rx) = mpsc::channel(4096);
                 // A quarter of the budget: the rest stays free for requests
                 // waiting for their commit.
-                let handoff = Handoff::new(config.buffer.max_bytes.0 / 4);
-                (Some(tx), Some(rx), Some(handoff))
+                let (commits, writer, handoff) = crate::durable::channel(
+                    spool.clone(),
+                    metrics.clone(),
+                    upstream.clone(),
+                    max_row_bytes,
+                    config.buffer.max_bytes.0 / 4,
+                );
+                let writer = Mutex::new(Some(writer));
+                (Ingest::Durable { commits, writer }, Some(handoff))
             }
-            Durability::Memory => (None, None, None),
+            Durability::Memory => (Ingest::Memory, None),
         };
         Arc::new(Pipeline {
-            durable: Mutex::new(durable),
-            durable_rx: Mutex::new(durable_rx),
-            handoff,
-            // Rows (durable commits, replay runs) stay below what upstream takes.
-            max_row_bytes: config
-                .batch
-                .max_bytes
-                .0
-                .min(config.upstream.max_request_bytes.0),
-            expiry: crate::spool::ExpirySweeper::new(config.spool.max_age),
-            replay_max_items: config.batch.max_items,
-            budget: MemoryBudget::new(config.buffer.max_bytes.0),
+            spooled: Spooled::new(
+                config,
+                spool,
+                handoff,
+                metrics.clone(),
+                budget.clone(),
+                max_row_bytes,
+            ),
+            ingest,
+            budget,
             max_wait: config.buffer.max_wait,
             retry: config.upstream.retry.clone(),
-            when_full: config.spool.when_full,
             lanes: [
                 lane(Signal::Traces),
                 lane(Signal::Metrics),
@@ -165,13 +170,8 @@ impl Pipeline {
             queue: ExportQueue::new(),
             accepting: AtomicBool::new(true),
             metrics,
-            spool,
             upstream,
             cut: Mutex::new(Vec::new()),
-            replay: Mutex::new(ReplayClaims::default()),
-            claim_or_evict: tokio::sync::Mutex::new(()),
-            replay_wake: Notify::new(),
-            spool_writes: SpoolWrites::default(),
             probe: Gate::new(
                 config.upstream.retry.probe_interval,
                 config.upstream.retry.initial_backoff,
@@ -188,7 +188,7 @@ impl Pipeline {
     }
 
     pub fn spool(&self) -> &Spool {
-        &self.spool
+        self.spooled.spool()
     }
 
     /// Take one validated request body. `Ok` means the pipeline owns it.
@@ -203,9 +203,19 @@ impl Pipeline {
             .map_err(|no| Refused::BufferFull {
                 retry_after: no.retry_after,
             })?;
-        let durable = self.durable.lock().ok().and_then(|d| d.clone());
-        if let Some(writer) = durable {
-            return self.commit(writer, signal, body, items, reservation).await;
+        if let Ingest::Durable { commits, .. } = &self.ingest {
+            return commits
+                .commit(signal, body, items, reservation)
+                .await
+                .map_err(|refusal| match refusal {
+                    Refusal::ShuttingDown => Refused::ShuttingDown,
+                    Refusal::Spool(e) => {
+                        tracing::debug!(error = %e, "durable commit refused");
+                        Refused::SpoolFull {
+                            retry_after: Duration::from_secs(5),
+                        }
+                    }
+                });
         }
         let mut sealed = Vec::new();
         let opened = {
@@ -230,7 +240,19 @@ impl Pipeline {
     }
 
     pub fn is_durable(&self) -> bool {
-        self.durable.lock().map(|d| d.is_some()).unwrap_or(false)
+        matches!(self.ingest, Ingest::Durable { .. })
+    }
+
+    /// Durable mode: the group-commit writer (`durable.rs`); returns at once
+    /// in memory mode, and for every call after the first.
+    pub async fn run_durable_writer(self: Arc<Self>, force: CancellationToken) {
+        let Ingest::Durable { writer, .. } = &self.ingest else {
+            return;
+        };
+        let writer = writer.lock().ok().and_then(|mut w| w.take());
+        if let Some(writer) = writer {
+            writer.run(force).await;
+        }
     }
 
     /// Seal open batches when they reach `batch.timeout`. Ends at `stop`;
@@ -273,8 +295,8 @@ impl Pipeline {
     pub fn close(&self) {
         self.stop_accepting();
         // Durable mode: the writer commits what waits, then ends.
-        if let Ok(mut d) = self.durable.lock() {
-            d.take();
+        if let Ingest::Durable { commits, .. } = &self.ingest {
+            commits.close();
         }
         for lane in &self.lanes {
             let sealed = lane.lock().ok().and_then(|mut l| {
@@ -370,7 +392,7 @@ impl Pipeline {
                         backoff.reset();
                         continue;
                     }
-                    self.finish_spooled(&batch).await;
+                    self.spooled.finish(&batch);
                     return;
                 }
                 Err(failure) => match verdict(&failure) {
@@ -380,7 +402,7 @@ impl Pipeline {
                         if self.split_refused(upstream, &mut batch, &mut rest, &failure) {
                             continue;
                         }
-                        self.finish_spooled(&batch).await;
+                        self.spooled.finish(&batch);
                         return;
                     }
                     Verdict::Drop => {
@@ -398,7 +420,7 @@ impl Pipeline {
                         if parts::next(&mut batch, &mut rest) {
                             continue;
                         }
-                        self.finish_spooled(&batch).await;
+                        self.spooled.finish(&batch);
                         return;
                     }
                     Verdict::Retry => {
@@ -422,13 +444,7 @@ impl Pipeline {
     /// moves to the spool, a spooled one stays there for a later pass.
     async fn give_up_retrying(&self, batch: Batch) {
         match &batch.origin {
-            Origin::Spool { ids } => {
-                for &id in ids {
-                    if let Err(e) = self.spool.record_attempt(id).await {
-                        tracing::warn!(error = %e, "cannot record export attempt in the spool");
-                    }
-                }
-            }
+            Origin::Spool { .. } => self.spooled.release(&batch, true),
             Origin::Memory => {
                 tracing::warn!(
                     signal = %batch.signal,
@@ -443,23 +459,18 @@ impl Pipeline {
     }
 
     /// Shutdown cut this batch off. `in_flight`: upstream may have received it.
+    /// A memory batch goes to the spool; a spooled one stays there.
     fn cut_off(&self, batch: Batch, in_flight: bool) {
         if in_flight {
             self.metrics.add_duplicates_risked(batch.items);
         }
-        if batch.origin == Origin::Memory {
-            if let Ok(mut cut) = self.cut.lock() {
-                cut.push(batch);
+        match batch.origin {
+            Origin::Memory => {
+                if let Ok(mut cut) = self.cut.lock() {
+                    cut.push(batch);
+                }
             }
-        }
-    }
-
-    /// Delete the spool row of a batch that is done with (acknowledged or rejected).
-    async fn finish_spooled(&self, batch: &Batch) {
-        if let Origin::Spool { ids } = &batch.origin {
-            if let Err(e) = self.spool.delete(ids.clone()).await {
-                tracing::error!(rows = ids.len(), error = %e, "cannot delete exported batches from the spool; they are not sent again by this process, but will be after a restart");
-            }
+            Origin::Spool { .. } => self.spooled.release(&batch, false),
         }
     }
 
@@ -485,7 +496,7 @@ impl Pipeline {
     /// Items per signal inside a spool write that has not finished: after a
     /// cut shutdown, these are not known to be spooled.
     pub fn spool_writes_in_flight(&self) -> Vec<(Signal, u64)> {
-        self.spool_writes.in_flight()
+        self.spooled.writes_in_flight()
     }
 
     /// Sealed batches waiting for an export worker.
@@ -502,7 +513,7 @@ impl Pipeline {
                 .get_or_create(&[("signal", s.as_str())])
                 .set(self.budget.items_of(s) as i64);
         }
-        let stats = self.spool.stats_cached();
+        let stats = self.spool().stats_cached();
         m.spool_rows.set(stats.rows as i64);
         m.spool_bytes.set(stats.bytes as i64);
         for s in Signal::ALL {

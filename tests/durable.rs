@@ -168,3 +168,77 @@ async fn durable_mode_refuses_retryably_when_the_spool_is_full() {
         .await);
     upstream.assert_received_all(Signal::Metrics, &acknowledged);
 }
+
+/// Durable mode's exporters never wait on a spool commit: with every spool
+/// write blocked (another process holds SQLite's exclusive lock, so a new
+/// request's commit stalls in the spool thread), rows already committed and
+/// handed off from memory are all delivered, and the deletes of acknowledged
+/// rows are left to the spool thread. Before claims moved into the spool
+/// thread, an exporter waited for its delete (and its claim release for the
+/// writer's commit), so delivery stopped at one row per exporter until the
+/// 5 s busy timeout ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exporters_deliver_handed_off_rows_while_a_durable_commit_is_stalled() {
+    let upstream = Upstream::start().await;
+    let mut agent = ok(AgentProcess::builder()
+        .upstream(&upstream.endpoint())
+        .config_toml(&format!("{DURABLE}[upstream]\nconcurrency = 2\n"))
+        .start()
+        .await);
+    let client = Client::new(agent.grpc_addr());
+    // Both exporters hold a row upstream does not answer yet; the other rows
+    // wait in the hand-off queue.
+    upstream.set_mode(Mode::Stall);
+    let mut committed = BTreeSet::new();
+    for _ in 0..10 {
+        let ids = fresh_ids(10);
+        ok(client.export(Signal::Traces, &ids).await);
+        committed.extend(ids);
+    }
+    ok(upstream
+        .wait_until("both exporters hold a call", DEADLINE, |u| u.stalled() == 2)
+        .await);
+
+    let lock = ok(rusqlite::Connection::open(agent.spool_path()));
+    ok(lock.execute_batch("BEGIN EXCLUSIVE"));
+    let stalled_ids = fresh_ids(10);
+    let stalled = tokio::spawn({
+        let client = client.clone();
+        let ids = stalled_ids.clone();
+        async move { client.export(Signal::Traces, &ids).await }
+    });
+    upstream.set_mode(Mode::Healthy);
+    // Well inside the agent's 5 s busy timeout: the stalled commit is still
+    // waiting for the lock when every handed-off row has been delivered.
+    let delivered = upstream
+        .wait_for_ids(Signal::Traces, &committed, Duration::from_secs(4))
+        .await;
+    let commit_still_stalled = !stalled.is_finished();
+    ok(lock.execute_batch("COMMIT"));
+    drop(lock);
+    ok(delivered);
+    assert!(
+        commit_still_stalled,
+        "the request sent after the lock was answered before the lock was released"
+    );
+
+    // The stalled request is committed once the lock is gone, then delivered;
+    // every delete lands, so the spool ends empty.
+    let answer = stalled.await.expect("request task");
+    assert!(answer.is_ok(), "stalled commit: {answer:?}");
+    committed.extend(stalled_ids);
+    ok(upstream
+        .wait_for_ids(Signal::Traces, &committed, DEADLINE)
+        .await);
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = agent.wait_exit(DEADLINE).await.expect("agent exits");
+    assert!(status.success(), "{}", agent.stderr());
+    upstream.assert_received_exactly(Signal::Traces, &committed);
+    assert_eq!(
+        agent.summary_field("received"),
+        Some(committed.len() as u64)
+    );
+    let db = ok(rusqlite::Connection::open(agent.spool_path()));
+    let rows: i64 = ok(db.query_row("SELECT count(*) FROM batches", [], |r| r.get(0)));
+    assert_eq!(rows, 0, "{}", agent.stderr());
+}

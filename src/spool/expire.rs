@@ -78,14 +78,9 @@ impl ExpirySweeper {
         })
     }
 
-    /// Deletes expired rows (but not those in `in_flight`) if a sweep is
-    /// due, counting and logging them. Returns the items deleted.
-    pub async fn sweep_if_due(
-        &self,
-        spool: &Spool,
-        in_flight: &HashSet<i64>,
-        metrics: &Metrics,
-    ) -> u64 {
+    /// Deletes expired rows (but not claimed ones: their exporters decide)
+    /// if a sweep is due, counting and logging them. Returns the items deleted.
+    pub async fn sweep_if_due(&self, spool: &Spool, metrics: &Metrics) -> u64 {
         let cutoff = {
             let mut expiry = self.expiry.lock().unwrap_or_else(PoisonError::into_inner);
             if !expiry.take_due(Instant::now()) {
@@ -93,8 +88,7 @@ impl ExpirySweeper {
             }
             expiry.cutoff_ms(crate::batch::unix_ms(SystemTime::now()))
         };
-        let keep: Vec<i64> = in_flight.iter().copied().collect();
-        let expired = match spool.expire(cutoff, keep).await {
+        let expired = match spool.expire(cutoff, Vec::new()).await {
             Ok(expired) => expired,
             Err(e) => {
                 tracing::error!(error = %e, "cannot delete expired spool rows (spool.max_age)");
@@ -144,7 +138,7 @@ impl Store {
     pub(super) fn expire(
         &mut self,
         before_ms: i64,
-        keep: &[i64],
+        keep: &HashSet<i64>,
     ) -> Result<Vec<(Signal, u64)>, SpoolError> {
         let mut expired: Vec<(i64, Signal, u64)> = Vec::new();
         {
@@ -251,9 +245,7 @@ mod tests {
 
         let metrics = Metrics::new();
         let sweeper = ExpirySweeper::new(Some(Duration::from_secs(1))).expect("limit set");
-        let swept = sweeper
-            .sweep_if_due(&spool, &HashSet::new(), &metrics)
-            .await;
+        let swept = sweeper.sweep_if_due(&spool, &metrics).await;
         assert_eq!(swept, 18, "created in 1970: far older than 1s");
         assert_eq!(metrics.dropped_total(Signal::Traces), 7);
         assert_eq!(metrics.dropped_total(Signal::Metrics), 11);

@@ -83,6 +83,13 @@
 //! A second connection, on a thread of its own, only checkpoints the WAL
 //! (`checkpoint.rs`), so commits do not wait for checkpoints.
 //!
+//! The spool thread also owns the replay claims (`claims.rs`): which rows an
+//! exporter holds. [`Spool::claim_run`] reads and claims a run in one
+//! command, [`Spool::insert_claimed`] inserts and claims, and
+//! [`Spool::finish`] (delete) and [`Spool::release`] give rows up without
+//! waiting; eviction and expiry skip claimed rows. So no lock on the async
+//! side is held across SQLite I/O, and an exporter never waits for a commit.
+//!
 //! # Opening a damaged file
 //!
 //! A file that is not SQLite, carries a foreign `application_id`, has an unexpected
@@ -98,6 +105,7 @@
 //! telespool, and must not be thrown away by a downgrade.
 
 mod checkpoint;
+mod claims;
 mod disk;
 mod expire;
 mod maintain;
@@ -106,6 +114,7 @@ mod open;
 mod read;
 mod salvage;
 mod store;
+mod worker;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -117,6 +126,9 @@ use tokio::sync::oneshot;
 
 use crate::signal::Signal;
 use store::Store;
+use worker::{Claim, Command, Reply};
+
+pub use claims::Unclaimed;
 
 pub use disk::FullReason;
 pub use expire::{Expiry, ExpirySweeper};
@@ -292,22 +304,6 @@ pub enum SpoolError {
     WorkerPanicked,
 }
 
-type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
-
-/// A request to the worker thread.
-enum Command {
-    Insert(Vec<NewBatch>, Reply<InsertOutcome>),
-    Oldest(i64, usize, Reply<Vec<SpooledBatch>>),
-    OldestUnclaimed(i64, HashSet<i64>, Reply<Option<SpooledBatch>>),
-    OldestRun(i64, HashSet<i64>, u64, u64, Reply<Vec<SpooledBatch>>),
-    Delete(Vec<i64>, Reply<()>),
-    RecordAttempt(i64, Reply<()>),
-    DropOldest(u64, Vec<i64>, Reply<Vec<(Signal, u64)>>),
-    Expire(i64, Vec<i64>, Reply<Vec<(Signal, u64)>>),
-    Stats(Reply<SpoolStats>),
-    Close(Reply<()>),
-}
-
 /// Handle to the spool. Clones share one worker thread and one connection.
 #[derive(Clone)]
 pub struct Spool {
@@ -321,6 +317,8 @@ struct Inner {
     stats: Arc<Mutex<SpoolStats>>,
     /// Taken by the first `close` to join the worker.
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Set by the worker while unclaimed rows may wait (`claims.rs`).
+    unclaimed: Arc<Unclaimed>,
 }
 
 impl Spool {
@@ -331,6 +329,8 @@ impl Spool {
         let (commands, rx) = mpsc::channel();
         let stats = Arc::new(Mutex::new(SpoolStats::default()));
         let worker_stats = Arc::clone(&stats);
+        let unclaimed = Arc::new(Unclaimed::new());
+        let worker_unclaimed = Arc::clone(&unclaimed);
         let path = path.to_owned();
         let thread = thread::Builder::new()
             .name("telespool-spool".into())
@@ -342,9 +342,9 @@ impl Spool {
                         return;
                     }
                 };
-                publish(&worker_stats, store.stats());
+                worker::publish(&worker_stats, store.stats());
                 if opened_tx.send(Ok(report)).is_ok() {
-                    run_worker(store, rx, &worker_stats);
+                    worker::run(store, rx, &worker_stats, &worker_unclaimed);
                 }
             })
             .map_err(SpoolError::Thread)?;
@@ -354,6 +354,7 @@ impl Spool {
                     commands,
                     stats,
                     thread: Mutex::new(Some(thread)),
+                    unclaimed,
                 };
                 let spool = Spool {
                     inner: Arc::new(inner),
@@ -373,8 +374,69 @@ impl Spool {
 
     /// Writes all `batches` in one transaction. When they do not fit, writes them
     /// one per transaction in order until one does not fit and reports `full`.
+    /// The rows wait for replay.
     pub async fn insert(&self, batches: Vec<NewBatch>) -> Result<InsertOutcome, SpoolError> {
-        self.call(|reply| Command::Insert(batches, reply)).await
+        self.call(|reply| Command::Insert(batches, Claim::No, reply))
+            .await
+    }
+
+    /// As [`Spool::insert`], and the written rows are claimed for the caller
+    /// in the same command (`claims.rs`): no replay read returns them until
+    /// the caller deletes or releases them.
+    pub async fn insert_claimed(
+        &self,
+        batches: Vec<NewBatch>,
+    ) -> Result<InsertOutcome, SpoolError> {
+        self.call(|reply| Command::Insert(batches, Claim::ForCaller, reply))
+            .await
+    }
+
+    /// The next replay run, claimed: the oldest unclaimed row (after the
+    /// last run's first row, wrapping round once) and after it further
+    /// unclaimed rows of its signal within `max_items` and `max_bytes`. Empty
+    /// when every row is claimed; then [`Unclaimed::any`] is false until
+    /// unclaimed rows appear.
+    pub async fn claim_run(
+        &self,
+        max_items: u64,
+        max_bytes: u64,
+    ) -> Result<Vec<SpooledBatch>, SpoolError> {
+        self.call(|reply| Command::ClaimRun(max_items, max_bytes, reply))
+            .await
+    }
+
+    /// Gives claimed rows back undelivered, to be replayed later;
+    /// `attempted`: count one more export attempt for each. Does not wait:
+    /// the spool thread runs it after every command sent before it.
+    pub fn release(&self, ids: Vec<i64>, attempted: bool) {
+        if !ids.is_empty() {
+            // A closed spool has no claims left to release.
+            let _ = self.inner.commands.send(Command::Release(ids, attempted));
+        }
+    }
+
+    /// Deletes rows upstream is done with (and forgets their claims), as
+    /// [`Spool::delete`], without waiting for the commit: an exporter goes on
+    /// with its next batch while the delete waits for its turn. A failure is
+    /// logged by the spool thread.
+    pub fn finish(&self, ids: Vec<i64>) {
+        if ids.is_empty() {
+            return;
+        }
+        if self
+            .inner
+            .commands
+            .send(Command::Delete(ids, None))
+            .is_err()
+        {
+            tracing::error!("cannot delete exported batches: the spool is closed; they will be sent again after a restart");
+        }
+    }
+
+    /// Whether unclaimed rows may wait in the spool, and the wake-up for
+    /// when they appear.
+    pub fn unclaimed(&self) -> &Unclaimed {
+        &self.inner.unclaimed
     }
 
     /// Up to `limit` rows with `id > after_id`, oldest first (pass 0 to start).
@@ -419,7 +481,7 @@ impl Spool {
     /// returns Ok; other failures leave them delete-pending too and return the
     /// error.
     pub async fn delete(&self, ids: Vec<i64>) -> Result<(), SpoolError> {
-        self.call(|reply| Command::Delete(ids, reply)).await
+        self.call(|reply| Command::Delete(ids, Some(reply))).await
     }
 
     /// Adds one to the row's `attempts`; a missing id is ignored.
@@ -430,7 +492,7 @@ impl Spool {
     /// Deletes the oldest rows until their payloads add up to at least
     /// `bytes_needed` (or the spool is empty), in one transaction. Returns the signal
     /// and item count of every dropped row, oldest first, for drop counters.
-    /// Rows whose id is in `keep` (being exported right now) are skipped.
+    /// Claimed rows (being exported right now) and rows in `keep` are skipped.
     pub async fn drop_oldest(
         &self,
         bytes_needed: u64,
@@ -481,128 +543,5 @@ impl Spool {
             .send(command(reply))
             .map_err(|_| SpoolError::Closed)?;
         answer.await.map_err(|_| SpoolError::Closed)?
-    }
-}
-
-/// Publishes the counts, then replies: a caller that saw the reply also sees the
-/// counts in `stats_cached`. A caller that stopped waiting dropped its receiver; its
-/// answer is moot, so a failed send is ignored.
-fn answer<T>(
-    reply: Reply<T>,
-    result: Result<T, SpoolError>,
-    store: &Store,
-    stats: &Mutex<SpoolStats>,
-) {
-    publish(stats, store.stats());
-    let _ = reply.send(result);
-}
-
-/// Group commit for deletes: every `Delete` already queued behind this one joins
-/// its transaction (exporters finish batches concurrently, and one commit per
-/// acknowledged batch would make the spool thread the bottleneck). Returns the
-/// first other command taken off the queue, to run next. If the shared
-/// transaction fails, each delete runs alone so each caller gets its own answer.
-fn delete_together(
-    store: &mut Store,
-    commands: &mpsc::Receiver<Command>,
-    ids: Vec<i64>,
-    reply: Reply<()>,
-    stats: &Mutex<SpoolStats>,
-) -> Option<Command> {
-    let mut group = vec![(ids, reply)];
-    let mut next = None;
-    while let Ok(command) = commands.try_recv() {
-        match command {
-            Command::Delete(ids, reply) => group.push((ids, reply)),
-            other => {
-                next = Some(other);
-                break;
-            }
-        }
-    }
-    if group.len() > 1 {
-        let all: Vec<i64> = group
-            .iter()
-            .flat_map(|(ids, _)| ids.iter().copied())
-            .collect();
-        // A failed group delete leaves its rows delete-pending, so each
-        // caller then gets the answer of its own (empty) delete.
-        if store.delete(&all).is_ok() {
-            publish(stats, store.stats());
-            for (_, reply) in group {
-                let _ = reply.send(Ok(()));
-            }
-            return next;
-        }
-    }
-    for (ids, reply) in group {
-        answer(reply, store.delete(&ids), store, stats);
-    }
-    next
-}
-
-fn publish(shared: &Mutex<SpoolStats>, stats: &SpoolStats) {
-    *shared.lock().unwrap_or_else(PoisonError::into_inner) = stats.clone();
-}
-
-/// The worker thread's loop: one command at a time until `Close` or until every
-/// handle is dropped (then it closes the store itself).
-fn run_worker(mut store: Store, commands: mpsc::Receiver<Command>, stats: &Mutex<SpoolStats>) {
-    let mut next = None;
-    loop {
-        store.maintain(tokio::time::Instant::now());
-        publish(stats, store.stats());
-        let command = match next.take() {
-            Some(command) => command,
-            None => match commands.recv_timeout(maintain::INTERVAL) {
-                Ok(command) => command,
-                Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            },
-        };
-        match command {
-            Command::Insert(batches, reply) => answer(reply, store.insert(&batches), &store, stats),
-            Command::Oldest(after_id, limit, reply) => {
-                answer(reply, store.oldest(after_id, limit), &store, stats)
-            }
-            Command::OldestRun(after_id, claimed, max_items, max_bytes, reply) => answer(
-                reply,
-                store.oldest_run(after_id, &claimed, max_items, max_bytes),
-                &store,
-                stats,
-            ),
-            Command::OldestUnclaimed(after_id, claimed, reply) => answer(
-                reply,
-                store.oldest_unclaimed(after_id, &claimed),
-                &store,
-                stats,
-            ),
-            Command::Delete(ids, reply) => {
-                next = delete_together(&mut store, &commands, ids, reply, stats);
-            }
-            Command::RecordAttempt(id, reply) => {
-                answer(reply, store.record_attempt(id), &store, stats)
-            }
-            Command::DropOldest(bytes_needed, keep, reply) => {
-                answer(reply, store.drop_oldest(bytes_needed, &keep), &store, stats)
-            }
-            Command::Expire(before_ms, keep, reply) => {
-                answer(reply, store.expire(before_ms, &keep), &store, stats)
-            }
-            Command::Stats(reply) => {
-                let result = store.refresh_stats().cloned();
-                answer(reply, result, &store, stats)
-            }
-            Command::Close(reply) => {
-                store.retry_pending();
-                publish(stats, store.stats());
-                // Reply only once the file is closed and the lock released.
-                let _ = reply.send(store.close());
-                return;
-            }
-        }
-    }
-    if let Err(e) = store.close() {
-        tracing::warn!(error = %e, "closing the spool after its last handle was dropped");
     }
 }

@@ -2,7 +2,7 @@
 //! and the statements. Only the worker thread and the offline tools call it.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, OpenOptions, Permissions};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -493,7 +493,7 @@ impl Store {
     pub(super) fn drop_oldest(
         &mut self,
         bytes_needed: u64,
-        keep: &[i64],
+        keep: &HashSet<i64>,
     ) -> Result<Vec<(Signal, u64)>, SpoolError> {
         if bytes_needed == 0 {
             return Ok(Vec::new());
@@ -513,7 +513,7 @@ impl Store {
 
     /// One transaction deleting the oldest rows not in `keep` (nor
     /// delete-pending) until `bytes_needed` are freed.
-    fn evict(&self, bytes_needed: u64, keep: &[i64]) -> rusqlite::Result<Vec<Removed>> {
+    fn evict(&self, bytes_needed: u64, keep: &HashSet<i64>) -> rusqlite::Result<Vec<Removed>> {
         self.transaction(|conn| {
             let mut removed: Vec<Removed> = Vec::new();
             let mut ids = Vec::new();
