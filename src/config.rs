@@ -18,10 +18,12 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub mod env;
 mod resource;
+mod spool;
 mod units;
 
 pub use resource::{Detector, OnConflict, ResourceConfig};
-use units::{duration, duration_opt};
+pub use spool::{Durability, ShutdownConfig, SpoolConfig, SyncMode, WhenFull};
+use units::duration;
 pub use units::{parse_duration, ByteSize};
 
 /// The whole agent configuration, as read from `telespool.toml`.
@@ -721,110 +723,6 @@ impl Default for RetryConfig {
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
-pub struct SpoolConfig {
-    /// SQLite file. None: `$STATE_DIRECTORY/spool.db`, else `./telespool-data/spool.db`.
-    pub path: Option<PathBuf>,
-    /// Bound on the spool file (enforced by SQLite's `max_page_count`).
-    pub max_bytes: ByteSize,
-    pub when_full: WhenFull,
-    /// SQLite `synchronous`: "normal" survives a process kill, "full" also a
-    /// power loss (an fsync per commit).
-    pub synchronous: SyncMode,
-    /// Rows older than this are deleted instead of replayed (counted as
-    /// dropped, reason spool_expired). None: no age limit.
-    #[serde(
-        default,
-        with = "duration_opt",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub max_age: Option<Duration>,
-}
-
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum SyncMode {
-    #[default]
-    Normal,
-    Full,
-}
-
-impl Default for SpoolConfig {
-    fn default() -> Self {
-        SpoolConfig {
-            path: None,
-            max_bytes: ByteSize(1 << 30),
-            when_full: WhenFull::Backpressure,
-            synchronous: SyncMode::Normal,
-            max_age: None,
-        }
-    }
-}
-
-impl SpoolConfig {
-    /// The spool path after applying the documented defaults.
-    pub fn resolved_path(&self) -> PathBuf {
-        if let Some(path) = &self.path {
-            return path.clone();
-        }
-        match std::env::var_os("STATE_DIRECTORY") {
-            // systemd may pass several colon-separated directories; the first is ours.
-            Some(dirs) if !dirs.is_empty() => {
-                let first = dirs
-                    .to_string_lossy()
-                    .split(':')
-                    .next()
-                    .unwrap_or("")
-                    .to_owned();
-                Path::new(&first).join("spool.db")
-            }
-            _ => Path::new("telespool-data").join("spool.db"),
-        }
-    }
-}
-
-/// What to do when the spool has no room left.
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum WhenFull {
-    /// Refuse new data with a retryable answer; never drop acknowledged data.
-    Backpressure,
-    /// Delete the oldest spooled batches to make room, counting every dropped item.
-    DropOldest,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct ShutdownConfig {
-    /// How long open batches may take to reach upstream after a stop signal.
-    #[serde(with = "duration")]
-    pub flush_budget: Duration,
-    /// Hard deadline for the whole shutdown sequence.
-    #[serde(with = "duration")]
-    pub timeout: Duration,
-}
-
-impl Default for ShutdownConfig {
-    fn default() -> Self {
-        ShutdownConfig {
-            flush_budget: Duration::from_secs(10),
-            timeout: Duration::from_secs(20),
-        }
-    }
-}
-
-/// When an export request is acknowledged.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Durability {
-    /// Once it is in the memory buffer.
-    #[default]
-    Memory,
-    /// Once it is committed to the spool.
-    Spool,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
     pub enabled: bool,
@@ -948,13 +846,7 @@ impl Config {
             return bad("upstream.retry.probe_interval must be above 0s".into());
         }
         self.upstream.validate_tls()?;
-        if self.shutdown.flush_budget > self.shutdown.timeout {
-            return bad(format!(
-                "shutdown.flush_budget ({}) must not exceed shutdown.timeout ({})",
-                humantime::format_duration(self.shutdown.flush_budget),
-                humantime::format_duration(self.shutdown.timeout)
-            ));
-        }
+        self.shutdown.validate()?;
         for origin in &self.receiver.http.cors.allowed_origins {
             let rest = origin
                 .strip_prefix("https://")
@@ -990,12 +882,7 @@ impl Config {
                 ));
             }
         }
-        if self.spool.max_age.is_some_and(|age| age.is_zero()) {
-            return bad("spool.max_age must be above 0s (leave it out for no limit)".into());
-        }
-        if self.spool.max_bytes.0 < 64 * 1024 {
-            return bad("spool.max_bytes must be at least 64KiB".into());
-        }
+        self.spool.validate()?;
         if let Some(resource) = &self.resource {
             resource.validate()?;
         }
