@@ -7,13 +7,20 @@
 //! integers (bytes). Precedence: flag, environment, file, default; the
 //! environment layer (every key as `TELESPOOL_<TABLE>_<KEY>`) is `config/env.rs`,
 //! the flags are in `cli.rs`.
+//!
+//! Each table lives in its own file under `config/` with its defaults and its
+//! `validate` (`receiver`, `unix_socket`, `buffer` for `[buffer]` and `[batch]`,
+//! `upstream`, `spool` for `[spool]`, `[shutdown]` and `durability`,
+//! `resource`), sizes and durations in `units`; [`Config::validate`] calls the
+//! tables' checks in a fixed order. The small `[admin]` and `[log]`, which
+//! have nothing to check, stay here. Every type is re-exported from here.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod buffer;
 pub mod env;
 mod receiver;
 mod resource;
@@ -22,12 +29,12 @@ mod units;
 mod unix_socket;
 mod upstream;
 
+pub use buffer::{BatchConfig, BufferConfig};
 pub use receiver::{
     AuthConfig, CorsConfig, HttpListenerConfig, ListenerConfig, ReceiverConfig, ReceiverTlsConfig,
 };
 pub use resource::{Detector, OnConflict, ResourceConfig};
 pub use spool::{Durability, ShutdownConfig, SpoolConfig, SyncMode, WhenFull};
-use units::duration;
 pub use units::{parse_duration, ByteSize};
 pub use unix_socket::{Group, SocketMode, UnixSocketConfig};
 pub use upstream::{Compression, RetryConfig, UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig};
@@ -48,47 +55,6 @@ pub struct Config {
     /// `[resource]`: attributes stamped on every resource. None: no stamping.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resource: Option<ResourceConfig>,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct BufferConfig {
-    /// Memory bound for all buffered request bytes, every signal together.
-    pub max_bytes: ByteSize,
-    /// How long a request may wait for room before it is refused as retryable.
-    #[serde(with = "duration")]
-    pub max_wait: Duration,
-}
-
-impl Default for BufferConfig {
-    fn default() -> Self {
-        BufferConfig {
-            max_bytes: ByteSize(64 << 20),
-            max_wait: Duration::from_millis(500),
-        }
-    }
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct BatchConfig {
-    /// A batch is sealed when it holds this many items...
-    pub max_items: u64,
-    /// ...or this many bytes...
-    pub max_bytes: ByteSize,
-    /// ...or has been open this long.
-    #[serde(with = "duration")]
-    pub timeout: Duration,
-}
-
-impl Default for BatchConfig {
-    fn default() -> Self {
-        BatchConfig {
-            max_items: 8192,
-            max_bytes: ByteSize(4 << 20),
-            timeout: Duration::from_millis(200),
-        }
-    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -179,27 +145,11 @@ impl Config {
     }
 
     /// Check values that are individually well-formed but unusable together.
+    /// Each table checks its own keys, in this order; the first problem found
+    /// is the one reported.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |msg: String| Err(ConfigError::Invalid(msg));
-        if self.batch.max_items == 0 {
-            return bad("batch.max_items must be at least 1".into());
-        }
-        if self.batch.max_bytes.0 == 0 {
-            return bad("batch.max_bytes must be at least 1 byte".into());
-        }
-        if self.buffer.max_bytes.0 < self.receiver.max_request_bytes.0 {
-            return bad(format!(
-                "buffer.max_bytes ({}) must be at least receiver.max_request_bytes ({}), \
-                 or a largest request could never be accepted",
-                self.buffer.max_bytes, self.receiver.max_request_bytes
-            ));
-        }
-        if self.buffer.max_bytes.0 > u32::MAX as u64 {
-            return bad(format!(
-                "buffer.max_bytes ({}) must be below 4GiB",
-                self.buffer.max_bytes
-            ));
-        }
+        self.batch.validate()?;
+        self.buffer.validate(self.receiver.max_request_bytes)?;
         self.upstream.validate()?;
         self.shutdown.validate()?;
         self.receiver.validate()?;
