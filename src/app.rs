@@ -1,6 +1,9 @@
 //! Assembly: build the stages, start them on task trackers under one
 //! cancellation tree, and hand over to the shutdown sequence.
 //!
+//! Longer than 500 lines on purpose: the assembly reads top to bottom in one
+//! place (what is built, in which order, which token stops it).
+//!
 //! Entry points take what the caller bound ([`Listeners`]), the opened spool
 //! and the files the config names, read before either ([`Files`]), so tests,
 //! `main` and socket activation all share [`run`].

@@ -376,14 +376,6 @@ impl Handoff {
         Ok(())
     }
 
-    pub fn pop(&self) -> Option<Batch> {
-        let mut guard = self.queue.lock().ok()?;
-        let (queue, held) = &mut *guard;
-        let batch = queue.pop_front()?;
-        *held -= batch.bytes;
-        Some(batch)
-    }
-
     /// The first queued batch merged with those behind it of the same signal,
     /// while the merged items and bytes stay within `max_items` and
     /// `max_bytes`: one upstream request for several committed rows, whose

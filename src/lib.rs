@@ -29,35 +29,39 @@
 //! stages     batch queue spool durable exporter resource probe
 //! leaves     signal config reloadable task activation api retry wire metrics tls buffer
 //! ```
+//!
+//! Modules that neither the binary (`main.rs`) nor the integration tests,
+//! benches and fuzz targets use are `pub(crate)`, so the compiler reports
+//! what in them has become dead.
 #![forbid(unsafe_code)]
 
-pub mod activation;
+pub(crate) mod activation;
 pub mod admin;
 pub mod api;
 pub mod app;
 pub mod batch;
-pub mod buffer;
+pub(crate) mod buffer;
 pub mod cli;
 pub mod commands;
 pub mod config;
-pub mod durable;
-pub mod exporter;
+pub(crate) mod durable;
+pub(crate) mod exporter;
 pub mod manual;
 pub mod metrics;
 pub mod pipeline;
 mod probe;
-pub mod queue;
+pub(crate) mod queue;
 pub mod receiver;
 pub mod reload;
-pub mod reloadable;
+pub(crate) mod reloadable;
 pub mod resource;
-pub mod retry;
+pub(crate) mod retry;
 pub mod shutdown;
 pub mod signal;
 pub mod spool;
 pub mod status;
-pub mod systemd;
-pub mod task;
-pub mod tls;
+pub(crate) mod systemd;
+pub(crate) mod task;
+pub(crate) mod tls;
 pub mod top;
 pub mod wire;

@@ -1,6 +1,10 @@
 //! Counters and gauges: the agent's accounting, exposed on `/metrics` and in the
 //! shutdown summary.
 //!
+//! Longer than 500 lines on purpose: every metric's name, help text and
+//! labels are in one table here, which is what operators and the alert rules
+//! (`packaging/monitoring`) are checked against.
+//!
 //! Accounting invariant, per signal, at any quiet moment:
 //!
 //! ```text

@@ -104,8 +104,4 @@ impl ExportQueue {
     pub fn len(&self) -> usize {
         self.state.lock().map(|s| s.batches.len()).unwrap_or(0)
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }

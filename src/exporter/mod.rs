@@ -36,7 +36,7 @@ mod health;
 mod http;
 pub(crate) mod split;
 
-pub use health::{Health, HealthState};
+pub use health::Health;
 
 /// Largest reply body read from upstream (replies are tiny: a partial-success report).
 const MAX_REPLY_BYTES: usize = 4 << 20;

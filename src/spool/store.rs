@@ -1,5 +1,9 @@
 //! The synchronous SQLite side of the spool: the connection's settings, the schema
 //! and the statements. Only the worker thread and the offline tools call it.
+//!
+//! Longer than 500 lines on purpose: `Store`'s fields (`stats`, `pending`,
+//! `full`, the headroom) are private to this file, and every statement that
+//! changes rows keeps them in step, so those statements stay beside them.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
