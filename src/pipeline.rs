@@ -47,6 +47,8 @@ mod gauges;
 mod parts;
 mod spool_writes;
 mod spooled;
+#[cfg(test)]
+mod tests;
 
 pub use spooled::Spooled;
 

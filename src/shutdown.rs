@@ -201,7 +201,7 @@ pub async fn run(agent: Stages) -> Summary {
     agent.close_listeners.cancel();
     agent.stop_background.cancel();
     agent.servers.close();
-    wait_until(agent.servers.wait(), flush_deadline, &agent).await;
+    wait_until(agent.servers.wait(), flush_deadline, &agent.tokens.force).await;
     end_phase("drain_requests", &mut phases);
 
     agent.admin.status.set_phase(crate::status::Phase::Flushing);
@@ -212,7 +212,7 @@ pub async fn run(agent: Stages) -> Summary {
         batches = agent.pipeline.queued_batches(),
         "flushing open batches upstream"
     );
-    wait_until(agent.exporters.wait(), flush_deadline, &agent).await;
+    wait_until(agent.exporters.wait(), flush_deadline, &agent.tokens.force).await;
     end_phase("flush", &mut phases);
 
     agent.admin.status.set_phase(crate::status::Phase::Spooling);
@@ -349,15 +349,29 @@ impl HardDeadline {
     }
 }
 
+/// How a wait within the flush budget ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Waited {
+    Done,
+    BudgetUsedUp,
+    Forced,
+}
+
 /// Wait for `fut` until `deadline`, or until `force` fires.
-async fn wait_until(fut: impl Future<Output = ()>, deadline: Instant, agent: &Stages) {
+async fn wait_until(
+    fut: impl Future<Output = ()>,
+    deadline: Instant,
+    force: &CancellationToken,
+) -> Waited {
     tokio::select! {
-        _ = fut => {}
+        _ = fut => Waited::Done,
         _ = tokio::time::sleep_until(deadline) => {
             tracing::warn!("flush budget used up");
+            Waited::BudgetUsedUp
         }
-        _ = agent.tokens.force.cancelled() => {
+        _ = force.cancelled() => {
             tracing::warn!("second signal: skipping to the spool step");
+            Waited::Forced
         }
     }
 }
@@ -365,6 +379,43 @@ async fn wait_until(fut: impl Future<Output = ()>, deadline: Instant, agent: &St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_wait_ends_when_its_work_is_done_at_the_budget_or_at_force() {
+        let start = Instant::now();
+        let budget = start + Duration::from_secs(5);
+        let force = CancellationToken::new();
+
+        let done = tokio::time::sleep(Duration::from_secs(1));
+        assert_eq!(wait_until(done, budget, &force).await, Waited::Done);
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+
+        let never = std::future::pending();
+        assert_eq!(
+            wait_until(never, budget, &force).await,
+            Waited::BudgetUsedUp
+        );
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(5),
+            "the budget counts from the signal"
+        );
+
+        let later = start + Duration::from_secs(60);
+        let second_signal = {
+            let force = force.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                force.cancel();
+            }
+        };
+        let (waited, ()) = tokio::join!(
+            wait_until(std::future::pending(), later, &force),
+            second_signal
+        );
+        assert_eq!(waited, Waited::Forced);
+        assert_eq!(start.elapsed(), Duration::from_secs(7));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_hard_deadline_cuts_a_stalled_step_at_the_deadline_and_names_it() {

@@ -1,0 +1,84 @@
+//! The batch timer on paused time: an open batch is sealed at
+//! `batch.timeout`, not before, and a full batch at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use super::Pipeline;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::signal::Signal;
+use crate::spool::{Spool, SpoolOptions};
+
+fn pipeline(dir: &tempfile::TempDir, timeout: Duration, max_items: u64) -> Arc<Pipeline> {
+    let (spool, _) =
+        Spool::open(&dir.path().join("spool.db"), SpoolOptions::default()).expect("open spool");
+    let mut config = Config::default();
+    config.batch.timeout = timeout;
+    config.batch.max_items = max_items;
+    Pipeline::new(&config, Arc::new(Metrics::new()), spool, None)
+}
+
+/// Lets the timer task run after time moved.
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_batch_timer_seals_an_open_batch_at_batch_timeout_and_not_before() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = pipeline(&dir, Duration::from_millis(200), 1000);
+    let stop = CancellationToken::new();
+    let timer = tokio::spawn(p.clone().run_batch_timer(stop.clone()));
+    settle().await;
+
+    p.ingest(Signal::Traces, Bytes::from_static(b"\x0a\x00"), 3)
+        .await
+        .expect("ingest");
+    tokio::time::sleep(Duration::from_millis(199)).await;
+    settle().await;
+    assert_eq!(p.queued_batches(), 0, "still open 1 ms before the timeout");
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    settle().await;
+    assert_eq!(p.queued_batches(), 1, "sealed at the timeout");
+
+    // A batch opened later gets its own full timeout.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    p.ingest(Signal::Logs, Bytes::from_static(b"\x0a\x00"), 1)
+        .await
+        .expect("ingest");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    settle().await;
+    assert_eq!(p.queued_batches(), 1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    settle().await;
+    assert_eq!(p.queued_batches(), 2);
+
+    stop.cancel();
+    timer.await.expect("timer task");
+    let unfinished = p.take_unfinished();
+    assert_eq!(unfinished.iter().map(|b| b.items).sum::<u64>(), 4);
+    p.spool().clone().close().await.expect("close spool");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_at_batch_max_items_is_sealed_without_waiting_for_the_timer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = pipeline(&dir, Duration::from_secs(3600), 4);
+    for _ in 0..2 {
+        p.ingest(Signal::Metrics, Bytes::from_static(b"\x0a\x00"), 2)
+            .await
+            .expect("ingest");
+    }
+    assert_eq!(
+        p.queued_batches(),
+        1,
+        "sealed on the request that filled it"
+    );
+    p.spool().clone().close().await.expect("close spool");
+}
