@@ -37,6 +37,8 @@ mod load;
 mod procfs;
 #[path = "e2e/realistic.rs"]
 mod realistic;
+#[path = "e2e/replay.rs"]
+mod replay;
 #[path = "e2e/sink.rs"]
 mod sink;
 
@@ -129,6 +131,10 @@ const SCENARIOS: &[(&str, &str)] = &[
     (
         "outage",
         "typical at a capped rate; the sink is down for a stretch, then back",
+    ),
+    (
+        "replay-live",
+        "a 2 M-span (~1 GiB) spool backlog replayed while 50,000 spans/s of live load continue (400 K quick); not in the default set",
     ),
     (
         "soak",
@@ -1198,6 +1204,10 @@ async fn run_scenario(options: &Options, name: &str) -> Result<Vec<Row>, String>
     if !matches!(name, "outage" | "overload" | "soak") {
         spec = apply(spec, &options.overrides);
     }
+    // replay-live builds its own bodies.
+    if name == "replay-live" {
+        spec.requests = 0;
+    }
     let bodies = build_bodies(&spec);
     let mut rows = Vec::new();
     for run in 1..=options.runs {
@@ -1208,6 +1218,14 @@ async fn run_scenario(options: &Options, name: &str) -> Result<Vec<Row>, String>
             "sink" => vec![sink_calibration(&spec, &bodies).await],
             "outage" => vec![outage(options, &spec, &bodies).await?],
             "soak" => vec![soak(options, &spec, &bodies).await?],
+            "replay-live" => {
+                let figures = replay::run(&options.bin, options.quick).await?;
+                println!("\nreplay-live, run {run}:");
+                for line in figures.lines() {
+                    println!("  {line}");
+                }
+                Vec::new()
+            }
             "overload" => vec![overload(options, &spec, &bodies).await?],
             "compression-grpc" | "compression-http" => {
                 compression(options, name, &spec, &bodies).await?
@@ -1279,7 +1297,7 @@ async fn run_all(options: &Options) -> Result<(), String> {
         // The soak takes minutes: only when asked for by name.
         SCENARIOS
             .iter()
-            .filter(|(n, _)| *n != "soak")
+            .filter(|(n, _)| !matches!(*n, "soak" | "replay-live"))
             .map(|(n, _)| (*n).to_owned())
             .collect()
     } else {
