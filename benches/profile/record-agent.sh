@@ -18,7 +18,7 @@ while kill -0 $bench 2>/dev/null; do
   sleep 0.05
 done
 if [ -n "$pid" ]; then
-  perf stat -e instructions,task-clock,context-switches -p $pid -o $out.stat &
+  perf stat -e ${PERF_STAT:-task-clock,context-switches} -p $pid -o $out.stat &
   st=$!
   perf record -F 2000 ${PERF_G} -p $pid -o $out.data > /dev/null 2>&1 &
   rec=$!
