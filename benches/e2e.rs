@@ -77,6 +77,9 @@ usage: cargo bench --bench e2e -- [options]
   --runs N             run each scenario N times and report medians (default 1)
   --list               list the scenarios and exit
   --bin PATH           telespool binary (default target/release/telespool)
+  --before PATH        also run every throughput and compression scenario with
+                       this binary (an older build), right after --bin's run in
+                       each round; its rows are named \"before SCENARIO\"
   --sink lean|upstream sink for the throughput scenarios (default lean)
   load overrides for the throughput scenarios:
   --signal traces|metrics|logs  --concurrency N  --items N
@@ -178,6 +181,8 @@ struct Options {
     scenarios: Vec<String>,
     runs: usize,
     bin: PathBuf,
+    /// `--before`: a second binary run in each round, for before/after ratios.
+    before: Option<PathBuf>,
     sink: SinkKind,
     overrides: Overrides,
     /// Upstream compressions of the compression-* scenarios.
@@ -190,6 +195,7 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
         scenarios: Vec::new(),
         runs: 1,
         bin: default_bin(),
+        before: None,
         sink: SinkKind::Lean,
         overrides: Overrides::default(),
         compressions: ["none", "gzip", "zstd"].map(str::to_owned).to_vec(),
@@ -224,6 +230,11 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
                 .extend(value(&mut it, a)?.split(',').map(str::to_owned)),
             "--runs" => o.runs = num::<usize>(value(&mut it, a)?, a)?.max(1),
             "--bin" => o.bin = PathBuf::from(value(&mut it, a)?),
+            "--before" => {
+                // Absolute: the agent is started from a temporary directory.
+                let path = PathBuf::from(value(&mut it, a)?);
+                o.before = Some(std::path::absolute(&path).unwrap_or(path));
+            }
             "--sink" => {
                 o.sink = match value(&mut it, a)? {
                     "lean" => SinkKind::Lean,
@@ -335,6 +346,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(before) = options.before.as_ref().filter(|b| !b.exists()) {
+        eprintln!("e2e: --before {}: no such file", before.display());
+        return ExitCode::from(2);
+    }
     if let Err(e) = check_binary(&options.bin) {
         eprintln!("e2e: {e}");
         return ExitCode::from(2);
@@ -1232,7 +1247,27 @@ async fn run_scenario(options: &Options, name: &str) -> Result<Vec<Row>, String>
             }
             _ => vec![throughput(options, name, &spec, &bodies).await?],
         };
-        for row in run_rows {
+        // `--before`: the same load through the older binary, in the same round.
+        let before_rows = match &options.before {
+            Some(bin) if !matches!(name, "sink" | "outage" | "soak" | "overload") => {
+                let before = Options {
+                    bin: bin.clone(),
+                    ..options.clone()
+                };
+                let mut rows = match name {
+                    "compression-grpc" | "compression-http" => {
+                        compression(&before, name, &spec, &bodies).await?
+                    }
+                    _ => vec![throughput(&before, name, &spec, &bodies).await?],
+                };
+                for row in &mut rows {
+                    row.scenario = format!("before {}", row.scenario);
+                }
+                rows
+            }
+            _ => Vec::new(),
+        };
+        for row in run_rows.into_iter().chain(before_rows) {
             print_row(&row, &spec, &bodies);
             rows.push(row);
         }
@@ -1305,11 +1340,15 @@ async fn run_all(options: &Options) -> Result<(), String> {
     };
     let started = Instant::now();
     println!(
-        "e2e bench: {} ({}), {} run(s) per scenario, binary {}",
+        "e2e bench: {} ({}), {} run(s) per scenario, binary {}{}",
         if options.quick { "quick" } else { "full" },
         names.join(", "),
         options.runs,
-        options.bin.display()
+        options.bin.display(),
+        options
+            .before
+            .as_ref()
+            .map_or(String::new(), |b| format!(", before: {}", b.display()))
     );
     let mut table = vec![
         "| scenario | baseline items/s | telespool items/s | ratio | telespool MB/s | CPU s / M items | peak RSS MiB | p50 ms base / tele | p99 ms base / tele | acked = delivered |".to_owned(),

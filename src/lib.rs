@@ -45,7 +45,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub(crate) mod durable;
-pub(crate) mod exporter;
+pub mod exporter;
 pub mod manual;
 pub mod metrics;
 pub mod pipeline;

@@ -39,6 +39,11 @@ impl Limited {
     }
 
     async fn agent(&self) -> AgentProcess {
+        self.agent_with("").await
+    }
+
+    /// `upstream`: more lines of the `[upstream]` table.
+    async fn agent_with(&self, upstream: &str) -> AgentProcess {
         let (endpoint, protocol) = match self {
             Limited::Grpc(u) => (u.endpoint(), "grpc"),
             Limited::Http(u) => (u.endpoint(), "http/protobuf"),
@@ -46,7 +51,7 @@ impl Limited {
         ok(AgentProcess::builder()
             .upstream(&endpoint)
             .config_toml(&format!(
-                "[batch]\ntimeout = \"100ms\"\n[upstream]\nprotocol = \"{protocol}\"\n"
+                "[batch]\ntimeout = \"100ms\"\n[upstream]\nprotocol = \"{protocol}\"\n{upstream}"
             ))
             .start()
             .await)
@@ -101,7 +106,11 @@ async fn send_mixed(agent: &AgentProcess, signal: Signal) -> BTreeSet<u64> {
 }
 
 async fn every_id_arrives(upstream: Limited) {
-    let agent = upstream.agent().await;
+    every_id_arrives_with(upstream, "").await
+}
+
+async fn every_id_arrives_with(upstream: Limited, upstream_config: &str) {
+    let agent = upstream.agent_with(upstream_config).await;
     for signal in [Signal::Traces, Signal::Logs] {
         let sent = send_mixed(&agent, signal).await;
         ok(upstream.wait_for_ids(signal, &sent).await);
@@ -134,6 +143,20 @@ async fn a_grpc_upstream_with_a_1_mib_limit_receives_every_id_of_small_and_3_mib
 async fn an_http_upstream_answering_413_above_1_mib_receives_every_id_of_small_and_3_mib_requests()
 {
     every_id_arrives(Limited::http().await).await;
+}
+
+// Uncompressed, a batch (or a part of one) goes out as its list of chunks,
+// not one copied buffer: the split parts must still be exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn uncompressed_batches_sent_as_chunk_lists_are_split_for_a_grpc_upstream_without_losing_an_id(
+) {
+    every_id_arrives_with(Limited::grpc().await, "compression = \"none\"\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn uncompressed_batches_sent_as_chunk_lists_are_split_for_an_http_upstream_without_losing_an_id(
+) {
+    every_id_arrives_with(Limited::http().await, "compression = \"none\"\n").await;
 }
 
 async fn only_the_oversized_entry_is_dropped(upstream: Limited) {

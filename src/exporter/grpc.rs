@@ -1,9 +1,10 @@
 //! OTLP/gRPC export of raw batch bytes.
 //!
-//! A batch's chunks are written straight into one gRPC message frame (one
-//! copy, or one compression pass; no protobuf encoding) and sent as a unary
+//! A batch goes out as one gRPC message (no protobuf encoding) in a unary
 //! call over a tonic `Channel`, which keeps connection management, TLS and
-//! reconnects. The frame is built here rather than by a tonic codec so the
+//! reconnects. Uncompressed, the message is the 5-byte header followed by the
+//! batch's chunks as they are ([`ChunkBody`]: no copy); compressed, it is one
+//! buffer made in one compression pass. The frame is built here rather than by a tonic codec so the
 //! compression level can be chosen: tonic's fixed gzip level 6 cost most of
 //! the agent's CPU. The reply is small and is decoded with the OTLP types only
 //! to read a partial-success report.
@@ -17,6 +18,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
+use super::body::ChunkBody;
 use super::compress::{compress, decompress_reply, encoding_name};
 use super::{partial_success, Accepted, Cause, ExportFailure, MAX_REPLY_BYTES};
 use crate::config::Compression;
@@ -117,8 +119,7 @@ impl GrpcUpstream {
         };
         let frame = encode_frame(chunks, self.compression)
             .map_err(|e| transport("compression failed", &e))?;
-        let mut request =
-            http::Request::new(tonic::body::Body::new(http_body_util::Full::new(frame)));
+        let mut request = http::Request::new(tonic::body::Body::new(frame));
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = http::Uri::from_static(signal.grpc_path());
         let (mut channel, metadata) = {
@@ -163,16 +164,29 @@ impl GrpcUpstream {
     }
 }
 
-/// The gRPC message frame of one export: flag, length, then the batch's chunks
-/// (their concatenation is the request), compressed at a fast level when
-/// compression is on.
-fn encode_frame(chunks: &[Bytes], compression: Compression) -> std::io::Result<Bytes> {
+/// The gRPC message of one export: flag, length, then the batch's chunks
+/// (their concatenation is the request) as they are, or compressed at a fast
+/// level into one buffer when compression is on.
+fn encode_frame(chunks: &[Bytes], compression: Compression) -> std::io::Result<ChunkBody> {
+    let too_large = || std::io::Error::other("batch larger than 4 GiB");
+    if compression == Compression::None {
+        let total: usize = chunks.iter().map(Bytes::len).sum();
+        let len = u32::try_from(total).map_err(|_| too_large())?;
+        let head = message_header(false, len);
+        return Ok(ChunkBody::new(Some(Bytes::copy_from_slice(&head)), chunks));
+    }
     let mut frame = compress(chunks, compression, 5)?;
-    let len = u32::try_from(frame.len() - 5)
-        .map_err(|_| std::io::Error::other("batch larger than 4 GiB"))?;
-    frame[0] = u8::from(compression != Compression::None);
-    frame[1..5].copy_from_slice(&len.to_be_bytes());
-    Ok(frame.freeze())
+    let len = u32::try_from(frame.len() - 5).map_err(|_| too_large())?;
+    frame[..5].copy_from_slice(&message_header(true, len));
+    Ok(ChunkBody::one(Bytes::from(frame)))
+}
+
+/// The 5-byte gRPC message prefix: compressed flag, big-endian length.
+fn message_header(compressed: bool, len: u32) -> [u8; 5] {
+    let mut head = [0; 5];
+    head[0] = u8::from(compressed);
+    head[1..].copy_from_slice(&len.to_be_bytes());
+    head
 }
 
 /// Turn upstream's HTTP/2 answer into the export outcome: grpc-status from the

@@ -1,7 +1,7 @@
 //! OTLP/HTTP export (`upstream.protocol = "http/protobuf"`) of raw batch bytes.
 //!
-//! The body is the batch's chunks as they are (concatenated, compressed in
-//! one pass), `Content-Type: application/x-protobuf`, POSTed to the signal's
+//! The body is the batch's chunks as they are (sent as a list, not copied
+//! into one buffer: [`ChunkBody`]; or compressed in one pass), `Content-Type: application/x-protobuf`, POSTed to the signal's
 //! URL: `upstream.<signal>_endpoint` as given, else `upstream.endpoint` +
 //! `/v1/<signal>`. One hyper-util pooled client per setup: keep-alive
 //! connections (at most `upstream.concurrency` idle ones kept), HTTP/1.1, or
@@ -20,11 +20,12 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, StatusCode, Uri};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use prost::Message;
 
+use super::body::ChunkBody;
 use super::compress::{compress, decompress_reply, encoding_name};
 use super::connect::{ClientTls, Connector};
 use super::{partial_success, Accepted, Cause, ExportFailure, ExporterError, MAX_REPLY_BYTES};
@@ -87,7 +88,7 @@ impl HttpSetup {
         })
     }
 
-    fn client(&self) -> Client<Connector, Full<Bytes>> {
+    fn client(&self) -> Client<Connector, ChunkBody> {
         Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(self.idle_per_host)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -98,7 +99,7 @@ impl HttpSetup {
 /// What a reload replaces: the client (new TLS files) and the headers. An
 /// export takes clones when it starts and finishes on them.
 struct Live {
-    client: Client<Connector, Full<Bytes>>,
+    client: Client<Connector, ChunkBody>,
     headers: HeaderMap,
 }
 
@@ -158,14 +159,17 @@ impl HttpUpstream {
             message: format!("upstream {url} {what}: {e}"),
             retry_after: None,
         };
-        let body = compress(chunks, self.compression, 0)
-            .map_err(|e| no_answer("compression failed", &e))?
-            .freeze();
+        let body = match self.compression {
+            Compression::None => ChunkBody::new(None, chunks),
+            c => ChunkBody::one(Bytes::from(
+                compress(chunks, c, 0).map_err(|e| no_answer("compression failed", &e))?,
+            )),
+        };
         let (client, extra) = {
             let live = self.live.read().unwrap_or_else(|e| e.into_inner());
             (live.client.clone(), live.headers.clone())
         };
-        let mut request = http::Request::new(Full::new(body));
+        let mut request = http::Request::new(body);
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = url.clone();
         let headers = request.headers_mut();

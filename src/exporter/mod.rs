@@ -29,6 +29,7 @@ use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::signal::Signal;
 
+mod body;
 mod compress;
 mod connect;
 mod grpc;
@@ -36,7 +37,8 @@ mod health;
 mod http;
 pub(crate) mod split;
 
-pub use health::Health;
+pub use compress::compress;
+pub use health::{Health, HealthState};
 
 /// Largest reply body read from upstream (replies are tiny: a partial-success report).
 const MAX_REPLY_BYTES: usize = 4 << 20;

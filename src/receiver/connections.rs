@@ -72,6 +72,16 @@ impl From<&ReceiverConfig> for ConnectionLimits {
     }
 }
 
+/// The largest HTTP/2 DATA frame clients may send (SETTINGS_MAX_FRAME_SIZE).
+///
+/// At the protocol's default of 16 KiB a 50 KB export arrives in four frames:
+/// four wake-ups of the request's task, and a copy to join them into one
+/// buffer. Clients that follow the setting (tonic, netty) send a request of
+/// up to 1 MiB as one frame, which becomes the request body without a copy.
+/// It costs no memory bound: hyper's receive windows (1 MiB per stream and per
+/// connection) already let a client have that much in flight.
+const H2_MAX_FRAME_SIZE: u32 = 1 << 20;
+
 impl ConnectionLimits {
     fn builder(&self) -> Builder<TokioExecutor> {
         let mut builder = Builder::new(TokioExecutor::new());
@@ -83,6 +93,7 @@ impl ConnectionLimits {
             .max_buf_size((self.max_header_bytes as usize).max(8192));
         let mut h2 = builder.http2();
         h2.timer(TokioTimer::new())
+            .max_frame_size(H2_MAX_FRAME_SIZE)
             .max_concurrent_streams(self.max_concurrent_streams)
             .max_header_list_size(self.max_header_bytes);
         if !self.keepalive_interval.is_zero() {

@@ -1,0 +1,114 @@
+//! Cost of building one upstream request body from a batch.
+//!
+//! A batch of 80 realistic trace requests (100 HTTP-server spans each, about
+//! 4 MB: what `batch.max_items = 8192` seals) is turned into a request body
+//! three ways per compression:
+//! - `agent`: [`telespool::exporter::compress`], what the exporter does now
+//!   (whole-buffer: the chunks fed to the compressor, output into one buffer
+//!   sized once, compressor state reused per thread);
+//! - `write_adapter`: the previous way, a `flate2::write::GzEncoder` /
+//!   `zstd::stream::write::Encoder` (new state per batch) fed each chunk;
+//! - for `none`, `copy_into_frame` is what the exporter did before it sent the
+//!   chunks as they are (`src/exporter/body.rs`): one copy of the batch.
+//!
+//! Throughput is in bytes of uncompressed batch.
+#![allow(clippy::disallowed_types)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+#[path = "e2e/realistic.rs"]
+#[allow(dead_code)]
+mod realistic;
+
+use std::hint::black_box;
+use std::io::Write;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use telespool::config::Compression;
+
+const REQUESTS: usize = 80;
+const SPANS: usize = 100;
+
+fn batch() -> Vec<Bytes> {
+    (0..REQUESTS)
+        .map(|j| {
+            let start = (j * SPANS) as u64;
+            let ids: Vec<u64> = (start..start + SPANS as u64).collect();
+            realistic::build(support::Signal::Traces, j, &ids).encode_to_bytes()
+        })
+        .collect()
+}
+
+/// The exporter's previous encoder: a `Write` adapter per batch.
+fn write_adapter(chunks: &[Bytes], compression: Compression) -> BytesMut {
+    let total: usize = chunks.iter().map(Bytes::len).sum();
+    let mut out = BytesMut::with_capacity(5 + total);
+    out.put_bytes(0, 5);
+    match compression {
+        Compression::None => chunks.iter().for_each(|c| out.put_slice(c)),
+        Compression::Gzip => {
+            let mut gz = flate2::write::GzEncoder::new(out.writer(), flate2::Compression::fast());
+            for chunk in chunks {
+                gz.write_all(chunk).expect("gzip");
+            }
+            out = gz.finish().expect("gzip").into_inner();
+        }
+        Compression::Zstd => {
+            let mut zs = zstd::stream::write::Encoder::new(out.writer(), 1).expect("zstd");
+            zs.set_pledged_src_size(Some(total as u64)).expect("zstd");
+            zs.include_contentsize(true).expect("zstd");
+            for chunk in chunks {
+                zs.write_all(chunk).expect("zstd");
+            }
+            out = zs.finish().expect("zstd").into_inner();
+        }
+    }
+    out
+}
+
+fn request_body(c: &mut Criterion) {
+    let chunks = batch();
+    let total: usize = chunks.iter().map(Bytes::len).sum();
+    let mut group = c.benchmark_group("request_body_4MB_realistic");
+    group.throughput(Throughput::Bytes(total as u64));
+    group.sample_size(20);
+    for (name, compression) in [
+        ("gzip", Compression::Gzip),
+        ("zstd", Compression::Zstd),
+        ("none", Compression::None),
+    ] {
+        let agent = telespool::exporter::compress(&chunks, compression, 5).expect("compress");
+        eprintln!(
+            "{name}: {total} bytes -> {} (ratio {:.2})",
+            agent.len(),
+            total as f64 / agent.len() as f64
+        );
+        if compression == Compression::None {
+            group.bench_function("none/copy_into_frame", |b| {
+                b.iter(|| black_box(write_adapter(black_box(&chunks), compression)))
+            });
+            group.bench_function("none/chunk_list", |b| {
+                b.iter(|| black_box(black_box(&chunks).to_vec()))
+            });
+            continue;
+        }
+        group.bench_function(format!("{name}/agent"), |b| {
+            b.iter(|| {
+                black_box(telespool::exporter::compress(
+                    black_box(&chunks),
+                    compression,
+                    5,
+                ))
+            })
+        });
+        group.bench_function(format!("{name}/write_adapter"), |b| {
+            b.iter(|| black_box(write_adapter(black_box(&chunks), compression)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, request_body);
+criterion_main!(benches);
