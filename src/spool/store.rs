@@ -126,6 +126,9 @@ pub(super) struct Store {
     pub(super) auto_vacuum: i64,
     /// Last time `maintain` ran.
     pub(super) maintained: tokio::time::Instant,
+    /// `stats.rows` at the last maintenance pass: fewer now means replay is
+    /// draining the spool (`maintain.rs` then leaves vacuum for when it is empty).
+    pub(super) rows_at_last_pass: u64,
     _lock: SpoolLock,
 }
 
@@ -174,6 +177,7 @@ impl Store {
             page_size: 4096,
             auto_vacuum: 0,
             maintained: tokio::time::Instant::now(),
+            rows_at_last_pass: 0,
             _lock: lock,
         };
         store.configure(opts).map_err(sql_err(path))?;
