@@ -21,8 +21,10 @@
 //! stall of ingest. While replay is draining the spool (fewer rows than at the
 //! last pass) the steps wait until it is empty: moving the pages of rows that
 //! are about to be deleted would only slow the replay down (a 1 GiB backlog
-//! replayed at 0.xx the rate with those steps running). A file from an older version (`auto_vacuum = NONE`) is
-//! converted with one `VACUUM` the first time it is empty, when that is cheap.
+//! replayed at about a quarter of the rate with those steps running: the
+//! `replay-live` bench). A file from an older version (`auto_vacuum = NONE`)
+//! is converted with one `VACUUM` the first time it is empty, when that is
+//! cheap.
 
 use std::time::Duration;
 
