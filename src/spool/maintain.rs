@@ -18,8 +18,8 @@
 //! (and more than [`VACUUM_MIN_BYTES`]) each maintenance pass runs
 //! `PRAGMA incremental_vacuum(N)` for a bounded N, so the file shrinks in small
 //! steps (truncated at the next checkpoint) between commands, never in one long
-//! stall of ingest. While replay is draining the spool (fewer rows than at the
-//! last pass) the steps wait until it is empty: moving the pages of rows that
+//! stall of ingest. While replay is draining the spool (exported rows deleted
+//! within the last [`DRAINING_FOR`]) the steps wait until it is empty: moving the pages of rows that
 //! are about to be deleted would only slow the replay down (a 1 GiB backlog
 //! replayed at about a quarter of the rate with those steps running: the
 //! `replay-live` bench). A file from an older version (`auto_vacuum = NONE`)
@@ -35,6 +35,10 @@ use super::store::{Removed, Store};
 
 /// How often the worker runs [`Store::maintain`] (also when idle).
 pub(super) const INTERVAL: Duration = Duration::from_millis(100);
+/// A delete this recent means replay is draining the spool: vacuum waits.
+/// Durable mode under load deletes all the time, so its file keeps its
+/// high-water size (free pages are reused) instead of shrinking and growing.
+const DRAINING_FOR: Duration = Duration::from_secs(5);
 /// Free space below which the file is left as it is.
 const VACUUM_MIN_BYTES: u64 = 4 << 20;
 /// Pages per vacuum step while rows remain (pages may have to move).
@@ -115,8 +119,9 @@ impl Store {
         }
         self.maintained = now;
         self.retry_pending();
-        let draining = self.stats.rows < self.rows_at_last_pass;
-        self.rows_at_last_pass = self.stats.rows;
+        let draining = self
+            .last_delete
+            .is_some_and(|t| now.saturating_duration_since(t) < DRAINING_FOR);
         self.vacuum_step(draining);
         if self.headroom.disk_full() && self.headroom.restore() {
             tracing::info!(

@@ -126,9 +126,9 @@ pub(super) struct Store {
     pub(super) auto_vacuum: i64,
     /// Last time `maintain` ran.
     pub(super) maintained: tokio::time::Instant,
-    /// `stats.rows` at the last maintenance pass: fewer now means replay is
+    /// When exported rows were last deleted: while that is recent, replay is
     /// draining the spool (`maintain.rs` then leaves vacuum for when it is empty).
-    pub(super) rows_at_last_pass: u64,
+    pub(super) last_delete: Option<tokio::time::Instant>,
     _lock: SpoolLock,
 }
 
@@ -177,7 +177,7 @@ impl Store {
             page_size: 4096,
             auto_vacuum: 0,
             maintained: tokio::time::Instant::now(),
-            rows_at_last_pass: 0,
+            last_delete: None,
             _lock: lock,
         };
         store.configure(opts).map_err(sql_err(path))?;
@@ -451,6 +451,9 @@ impl Store {
         }
         let result = match result {
             Ok(removed) => {
+                if !removed.is_empty() {
+                    self.last_delete = Some(tokio::time::Instant::now());
+                }
                 if self.full == Some(FullReason::MaxBytes) && !removed.is_empty() {
                     self.full = None;
                 }
