@@ -144,16 +144,17 @@ impl Store {
     }
 
     /// Shrinks the file by one bounded step if it is mostly free pages.
-    /// While rows remain and replay is `draining` them, it waits: moving the
-    /// remaining rows' pages down the file would compete with the replay
-    /// reading them, and once the spool is empty the step only drops pages
-    /// off the end.
+    /// While rows remain and replay is `draining` them, it waits (unless the
+    /// disk is full): moving the remaining rows' pages down the file would
+    /// compete with the replay reading them, and once the spool is empty the
+    /// step only drops pages off the end.
     pub(super) fn vacuum_step(&mut self, draining: bool) {
         let Ok((pages, free)) = self.page_counts() else {
             return;
         };
         let empty = self.stats.rows == 0 && self.pending.is_empty();
-        if draining && !empty {
+        // On a full disk, space back comes first.
+        if draining && !empty && !self.headroom.disk_full() {
             return;
         }
         if self.auto_vacuum != 2 {
