@@ -219,9 +219,8 @@ mod tests {
     use super::*;
     use crate::signal::Signal;
 
-    #[test]
-    fn a_drained_spool_gives_its_pages_back_in_bounded_steps() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A spool in `dir` holding 200 rows of 64 KiB; their ids.
+    fn store_of_200_rows(dir: &tempfile::TempDir) -> (Store, Vec<i64>) {
         let path = dir.path().join("spool.db");
         let (mut store, _) = Store::open(&path, &SpoolOptions::default()).unwrap();
         let rows: Vec<NewBatch> = (0..200)
@@ -234,6 +233,13 @@ mod tests {
             })
             .collect();
         let ids = store.insert(&rows).unwrap().ids;
+        (store, ids)
+    }
+
+    #[test]
+    fn a_drained_spool_gives_its_pages_back_in_bounded_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, ids) = store_of_200_rows(&dir);
         store.delete(&ids).unwrap();
         let (pages, free) = store.page_counts().unwrap();
         assert!(free * 2 > pages, "{free} of {pages} pages free");
@@ -248,18 +254,7 @@ mod tests {
     #[test]
     fn while_replay_drains_the_spool_vacuum_waits_and_it_runs_once_rows_stop_going() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("spool.db");
-        let (mut store, _) = Store::open(&path, &SpoolOptions::default()).unwrap();
-        let rows: Vec<NewBatch> = (0..200)
-            .map(|i| NewBatch {
-                signal: Signal::Traces,
-                items: 1,
-                created_ms: i,
-                attempts: 0,
-                payload: vec![bytes::Bytes::from(vec![i as u8; 64 << 10])],
-            })
-            .collect();
-        let ids = store.insert(&rows).unwrap().ids;
+        let (mut store, ids) = store_of_200_rows(&dir);
         // The oldest three quarters replayed; the newest rows remain.
         store.delete(&ids[..150]).unwrap();
         let (pages, free) = store.page_counts().unwrap();
