@@ -5,7 +5,6 @@
 //! `full`, the headroom) are private to this file, and every statement that
 //! changes rows keeps them in step, so those statements stay beside them.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, OpenOptions, Permissions};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -13,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
+use rusqlite::blob::{Blob, ZeroBlob};
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, MAIN_DB};
 
 use super::checkpoint::Checkpointer;
 use super::disk::{FullReason, Headroom};
@@ -83,20 +83,6 @@ fn min_opt(a: Option<i64>, b: Option<i64>) -> Option<i64> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
-    }
-}
-
-/// Concatenation of the chunks, borrowed when there is only one.
-fn concat(chunks: &[Bytes]) -> Cow<'_, [u8]> {
-    match chunks {
-        [one] => Cow::Borrowed(one),
-        _ => {
-            let mut all = Vec::with_capacity(chunks.iter().map(Bytes::len).sum());
-            for chunk in chunks {
-                all.extend_from_slice(chunk);
-            }
-            Cow::Owned(all)
-        }
     }
 }
 
@@ -322,23 +308,45 @@ impl Store {
         result
     }
 
+    /// Each payload goes from its chunks straight into the row's pages: the
+    /// row is inserted with a zero-filled blob of the payload's length, which
+    /// the chunks then overwrite through an incremental-blob handle. Binding
+    /// the payload instead would copy it twice first (joining the chunks, then
+    /// SQLite's own copy of a bound blob), into freshly mapped memory each time.
     fn insert_rows(conn: &Connection, batches: &[NewBatch]) -> rusqlite::Result<Vec<i64>> {
         let mut stmt = conn.prepare_cached(
             "INSERT INTO batches(signal, items, bytes, created_ms, attempts, payload)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
         let mut ids = Vec::with_capacity(batches.len());
+        let mut blob: Option<Blob<'_>> = None;
         for batch in batches {
-            let payload = concat(&batch.payload);
+            let len: u64 = batch.payload.iter().map(|c| c.len() as u64).sum();
             stmt.execute(params![
                 batch.signal.as_str(),
                 i64::try_from(batch.items).unwrap_or(i64::MAX),
-                payload.len() as i64,
+                i64::try_from(len).unwrap_or(i64::MAX),
                 batch.created_ms,
                 batch.attempts,
-                &payload[..],
+                ZeroBlob(len),
             ])?;
-            ids.push(conn.last_insert_rowid());
+            let id = conn.last_insert_rowid();
+            ids.push(id);
+            if len == 0 {
+                continue;
+            }
+            let handle = match blob.as_mut() {
+                Some(handle) => {
+                    handle.reopen(id)?;
+                    handle
+                }
+                None => blob.insert(conn.blob_open(MAIN_DB, c"batches", c"payload", id, false)?),
+            };
+            let mut at = 0;
+            for chunk in &batch.payload {
+                handle.write_at(chunk, at)?;
+                at += chunk.len();
+            }
         }
         Ok(ids)
     }
@@ -627,19 +635,6 @@ pub(super) fn decode_row(path: &Path, row: &rusqlite::Row<'_>) -> Result<Spooled
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn concat_joins_chunks_and_borrows_a_single_one() {
-        let one = [Bytes::from_static(b"abc")];
-        assert!(matches!(concat(&one), Cow::Borrowed(b"abc")));
-        let many = [
-            Bytes::from_static(b"ab"),
-            Bytes::new(),
-            Bytes::from_static(b"c"),
-        ];
-        assert_eq!(&concat(&many)[..], b"abc");
-        assert!(concat(&[]).is_empty());
-    }
 
     #[test]
     fn min_opt_ignores_missing_values() {
