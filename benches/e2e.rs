@@ -128,6 +128,10 @@ const SCENARIOS: &[(&str, &str)] = &[
         "typical, durability = \"spool\", spool.synchronous = \"normal\"",
     ),
     (
+        "durable-nogzip",
+        "typical, durability = \"spool\", spool.synchronous = \"normal\", upstream.compression = \"none\" (compare with typical-nogzip)",
+    ),
+    (
         "durable-full",
         "typical, durability = \"spool\", spool.synchronous = \"full\" (fsync per commit)",
     ),
@@ -843,7 +847,7 @@ async fn throughput(
     spec: &LoadSpec,
     bodies: &Arc<Bodies>,
 ) -> Result<Row, String> {
-    let compression = if name == "typical-nogzip" {
+    let compression = if name == "typical-nogzip" || name == "durable-nogzip" {
         "none"
     } else {
         "gzip"
@@ -851,7 +855,7 @@ async fn throughput(
     // Files for the Unix socket and the TLS certificates; removed at the end.
     let dir = tempfile::TempDir::new().map_err(|e| format!("temp dir: {e}"))?;
     let (extra, channel) = match name {
-        "durable-normal" => (
+        "durable-normal" | "durable-nogzip" => (
             "durability = \"spool\"\n[spool]\nsynchronous = \"normal\"\n".to_owned(),
             None,
         ),
