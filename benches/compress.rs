@@ -110,5 +110,57 @@ fn request_body(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, request_body);
+/// zstd at one level over the whole batch, the agent's way (raw encoder,
+/// chunks fed as they are, pledged size), for the level sweep.
+fn zstd_at(chunks: &[Bytes], level: i32) -> Vec<u8> {
+    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+    let total: usize = chunks.iter().map(Bytes::len).sum();
+    let mut out = vec![0u8; total / 2 + (64 << 10)];
+    let mut encoder = zstd::stream::raw::Encoder::new(level).expect("zstd");
+    encoder
+        .set_pledged_src_size(Some(total as u64))
+        .expect("zstd");
+    let mut pos = 0;
+    for chunk in chunks {
+        let mut input = InBuffer::around(chunk);
+        while input.pos() < chunk.len() {
+            let mut output = OutBuffer::around_pos(&mut out[..], pos);
+            encoder.run(&mut input, &mut output).expect("zstd");
+            pos = output.pos();
+        }
+    }
+    loop {
+        let mut output = OutBuffer::around_pos(&mut out[..], pos);
+        let left = encoder.finish(&mut output, true).expect("zstd");
+        pos = output.pos();
+        if left == 0 {
+            break;
+        }
+    }
+    out.truncate(pos);
+    out
+}
+
+/// zstd's fast (negative) levels next to level 1, each with its ratio.
+fn zstd_levels(c: &mut Criterion) {
+    let chunks = batch();
+    let total: usize = chunks.iter().map(Bytes::len).sum();
+    let mut group = c.benchmark_group("zstd_level_4MB_realistic");
+    group.throughput(Throughput::Bytes(total as u64));
+    group.sample_size(20);
+    for level in [3, 1, -1, -2, -3, -5] {
+        let out = zstd_at(&chunks, level);
+        eprintln!(
+            "zstd level {level}: {total} bytes -> {} (ratio {:.2})",
+            out.len(),
+            total as f64 / out.len() as f64
+        );
+        group.bench_function(format!("level_{level}"), |b| {
+            b.iter(|| black_box(zstd_at(black_box(&chunks), level)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, request_body, zstd_levels);
 criterion_main!(benches);

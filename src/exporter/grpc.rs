@@ -7,7 +7,9 @@
 //! buffer made in one compression pass. The frame is built here rather than by a tonic codec so the
 //! compression level can be chosen: tonic's fixed gzip level 6 cost most of
 //! the agent's CPU. The reply is small and is decoded with the OTLP types only
-//! to read a partial-success report.
+//! to read a partial-success report. The channel's TCP connections are
+//! corked while its connection task writes (`super::cork`), so a batch's
+//! 16 KiB DATA frames leave in full-size segments.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -20,6 +22,7 @@ use tonic_types::StatusExt;
 
 use super::body::ChunkBody;
 use super::compress::{compress, decompress_reply, encoding_name};
+use super::cork::{CorkedConnector, UncorkAfterPoll};
 use super::{partial_success, Accepted, Cause, ExportFailure, MAX_REPLY_BYTES};
 use crate::config::Compression;
 use crate::signal::Signal;
@@ -31,6 +34,7 @@ pub(super) struct GrpcSetup {
     /// An `https://` endpoint: a reload builds a new channel with the
     /// re-read TLS files.
     pub(super) https: bool,
+    connect_timeout: Duration,
 }
 
 impl GrpcSetup {
@@ -42,11 +46,13 @@ impl GrpcSetup {
             endpoint: endpoint.to_owned(),
             source,
         };
+        let connect_timeout = cfg.timeout.min(Duration::from_secs(5));
         let mut ep = Endpoint::from_shared(endpoint.to_owned())
             .map_err(ep_err)?
             .timeout(cfg.timeout)
-            .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
+            .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
+            .executor(UncorkAfterPoll)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(false);
         let https = endpoint.starts_with("https://");
@@ -57,7 +63,15 @@ impl GrpcSetup {
         Ok(GrpcSetup {
             endpoint: ep,
             https,
+            connect_timeout,
         })
+    }
+
+    /// A channel that connects on first use, over [`CorkedConnector`]
+    /// (tonic adds TLS for `https://`).
+    fn channel(&self) -> Channel {
+        self.endpoint
+            .connect_with_connector_lazy(CorkedConnector::new(self.connect_timeout))
     }
 }
 
@@ -89,7 +103,7 @@ impl GrpcUpstream {
     ) -> GrpcUpstream {
         GrpcUpstream {
             live: Arc::new(RwLock::new(Live {
-                channel: setup.endpoint.connect_lazy(),
+                channel: setup.channel(),
                 headers,
             })),
             endpoint: endpoint.to_owned(),
@@ -99,7 +113,7 @@ impl GrpcUpstream {
     }
 
     pub(super) fn reload(&self, setup: GrpcSetup, headers: HeaderMap) {
-        let channel = setup.https.then(|| setup.endpoint.connect_lazy());
+        let channel = setup.https.then(|| setup.channel());
         let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
         if let Some(channel) = channel {
             live.channel = channel;

@@ -32,12 +32,15 @@ use crate::signal::Signal;
 mod body;
 mod compress;
 mod connect;
+mod cork;
 mod grpc;
 mod health;
 mod http;
 pub(crate) mod split;
 
 pub use compress::compress;
+// Public for `benches/upstream_write.rs`.
+pub use cork::{CorkedTcp, UncorkAfterPoll};
 pub use health::{Health, HealthState};
 
 /// Largest reply body read from upstream (replies are tiny: a partial-success report).
