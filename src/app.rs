@@ -539,6 +539,12 @@ fn start_pipeline_tasks(agent: &Agent) {
         p.clone()
             .run_durable_writer(agent.stages.tokens.force.clone()),
     );
+    panics.spawn(
+        &agent.stages.exporters,
+        "replay pace",
+        p.clone()
+            .run_replay_pace(agent.stages.stop_background.clone()),
+    );
     for _ in 0..replay_workers {
         panics.spawn(
             &agent.stages.exporters,

@@ -44,6 +44,7 @@ use crate::signal::Signal;
 use crate::spool::Spool;
 
 mod gauges;
+mod pace;
 mod parts;
 mod spool_writes;
 mod spooled;

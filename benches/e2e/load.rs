@@ -246,6 +246,9 @@ pub struct LoadReport {
     pub errors: Vec<(Code, usize)>,
     /// Latency of the OK calls, sorted, in microseconds.
     pub latencies_us: Vec<u32>,
+    /// The OK calls as (start, in ms from the run's start; latency in
+    /// microseconds), unsorted: for latency over a window of the run.
+    pub timeline: Vec<(u32, u32)>,
     /// From the first call's start to the last call's end.
     pub elapsed: Duration,
 }
@@ -287,6 +290,7 @@ struct WorkerReport {
     calls: usize,
     errors: Vec<(Code, usize)>,
     latencies_us: Vec<u32>,
+    timeline: Vec<(u32, u32)>,
 }
 
 /// Sends `bodies` to `addr` with `spec.concurrency` clients until the
@@ -330,6 +334,8 @@ pub async fn run(addr: SocketAddr, spec: &LoadSpec, bodies: Arc<Bodies>) -> Load
                         Ok(()) => {
                             let us = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
                             w.latencies_us.push(us);
+                            let at = t0.duration_since(started).as_millis() as u32;
+                            w.timeline.push((at, us));
                             w.acked.push(j);
                         }
                         Err(code) => match w.errors.iter_mut().find(|(c, _)| *c == code) {
@@ -351,6 +357,7 @@ pub async fn run(addr: SocketAddr, spec: &LoadSpec, bodies: Arc<Bodies>) -> Load
                 report.acked.extend(w.acked);
                 report.calls += w.calls;
                 report.latencies_us.extend(w.latencies_us);
+                report.timeline.extend(w.timeline);
                 for (code, n) in w.errors {
                     match report.errors.iter_mut().find(|(c, _)| *c == code) {
                         Some((_, m)) => *m += n,

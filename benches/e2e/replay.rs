@@ -94,8 +94,14 @@ pub struct ReplayFigures {
     pub backlog_bytes: u64,
     pub ready_after: Duration,
     pub replay_took: Option<Duration>,
+    /// The same backlog (a copy) replayed with no live load.
+    pub replay_alone_took: Option<Duration>,
     pub live_p99_alone: Duration,
     pub live_p99_with_replay: Duration,
+    /// The live p99 (and call count) of the calls that started while the
+    /// spool was not yet empty, and of those after.
+    pub live_p99_during: (Duration, usize),
+    pub live_p99_after: (Duration, usize),
     pub live_acked_alone: u64,
     pub live_acked_with_replay: u64,
     pub peak_rss: u64,
@@ -130,6 +136,14 @@ impl ReplayFigures {
                 ),
                 _ => format!("replay: the spool did not empty within {REPLAY_DEADLINE:?}"),
             },
+            match self.replay_alone_took {
+                Some(t) => format!(
+                    "replay alone (no live load, a copy of the backlog): {:.0} spans/s ({:.1} s)",
+                    self.backlog_items as f64 / t.as_secs_f64(),
+                    t.as_secs_f64()
+                ),
+                None => format!("replay alone: the spool did not empty within {REPLAY_DEADLINE:?}"),
+            },
             format!(
                 "live p99: {:.2} ms with replay, {:.2} ms alone: {:.2}x (acked {} / {})",
                 self.live_p99_with_replay.as_secs_f64() * 1000.0,
@@ -138,6 +152,13 @@ impl ReplayFigures {
                     / self.live_p99_alone.as_secs_f64().max(1e-9),
                 self.live_acked_with_replay,
                 self.live_acked_alone,
+            ),
+            format!(
+                "live p99 while replaying: {:.2} ms ({} calls); after: {:.2} ms ({} calls)",
+                self.live_p99_during.0.as_secs_f64() * 1000.0,
+                self.live_p99_during.1,
+                self.live_p99_after.0.as_secs_f64() * 1000.0,
+                self.live_p99_after.1,
             ),
             format!(
                 "peak RSS {:.1} MiB (bound buffer.max_bytes + 32 MiB = {:.0} MiB): {}",
@@ -168,6 +189,72 @@ impl ReplayFigures {
 /// Acknowledged bytes of a report.
 fn acked_bytes(report: &LoadReport) -> u64 {
     report.acked_bytes
+}
+
+/// The upstream of a deployment is another process (another host), whose
+/// work the OS schedules apart from the clients'. In this process the sink
+/// would share the load generator's tokio workers: a live call's answer
+/// would wait behind the sink decoding a 4 MiB replay request in the same
+/// worker, a delay no deployment has. So the sink gets its own runtime (two
+/// worker threads) unless `E2E_REPLAY_SINK=shared` asks for the old
+/// arrangement (for comparison with earlier figures).
+async fn start_sink() -> Result<(LeanSink, Option<SinkRuntime>), String> {
+    if std::env::var("E2E_REPLAY_SINK").as_deref() == Ok("shared") {
+        eprintln!("[replay-live] sink on the load generator's runtime (E2E_REPLAY_SINK=shared)");
+        return Ok((LeanSink::start().await, None));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("e2e-sink")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("sink runtime: {e}"))?;
+    // The sink's tasks are spawned on the runtime it starts in.
+    let sink = runtime
+        .spawn(LeanSink::start())
+        .await
+        .map_err(|e| format!("the sink's start failed: {e}"))?;
+    Ok((sink, Some(SinkRuntime(Some(runtime)))))
+}
+
+/// The sink's runtime, shut down (without blocking) when dropped.
+struct SinkRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for SinkRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Copies a closed spool (its database and any WAL or shared-memory file).
+fn copy_spool(from: &Path, to: &Path) -> Result<(), String> {
+    for suffix in ["", "-wal", "-shm"] {
+        let src = format!("{}{suffix}", from.display());
+        if Path::new(&src).exists() {
+            std::fs::copy(&src, format!("{}{suffix}", to.display()))
+                .map_err(|e| format!("copy {src}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The p99 latency and count of the calls of `report` that started in
+/// `from..to` (ms from the load's start).
+fn window_p99(report: &LoadReport, from: u32, to: u32) -> (Duration, usize) {
+    let mut us: Vec<u32> = report
+        .timeline
+        .iter()
+        .filter(|(at, _)| (from..to).contains(at))
+        .map(|&(_, us)| us)
+        .collect();
+    us.sort_unstable();
+    let p99 = match us.len() {
+        0 => 0,
+        n => us[((n - 1) as f64 * 0.99).round() as usize],
+    };
+    (Duration::from_micros(p99 as u64), us.len())
 }
 
 pub async fn run(bin: &Path, quick: bool) -> Result<ReplayFigures, String> {
@@ -224,7 +311,11 @@ pub async fn run(bin: &Path, quick: bool) -> Result<ReplayFigures, String> {
         stop_agent(&mut writer).await
     );
 
-    let sink = LeanSink::start().await;
+    // A copy of the backlog for step 4 (the agent is stopped: the files are still).
+    let copy = dir.path().join("copy.db");
+    copy_spool(&spool, &copy)?;
+
+    let (sink, _sink_runtime) = start_sink().await?;
     let endpoint = format!("http://{}", sink.addr());
 
     // 2. The live load alone, on an empty spool.
@@ -271,7 +362,32 @@ pub async fn run(bin: &Path, quick: bool) -> Result<ReplayFigures, String> {
         "[replay-live] replaying agent: {}",
         stop_agent(&mut agent).await
     );
+    let delivered = sink.items();
+    // 4. The same backlog replayed with no live load.
+    sink.clear();
+    let mut solo = start(bin, &endpoint, &copy, &config("")).await?;
+    wait_ready(&solo).await?;
+    let solo_started = Instant::now();
+    let replay_alone_took = loop {
+        if spool_rows(&solo).await == Some(0.0) {
+            break Some(solo_started.elapsed());
+        }
+        if solo_started.elapsed() > REPLAY_DEADLINE {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "[replay-live] replay alone: {}",
+        stop_agent(&mut solo).await
+    );
+    let emptied_ms = replay_took.map_or(u32::MAX, |t| t.as_millis() as u32);
+    let live_p99_during = window_p99(&report, 0, emptied_ms);
+    let live_p99_after = window_p99(&report, emptied_ms, u32::MAX);
     Ok(ReplayFigures {
+        replay_alone_took,
+        live_p99_during,
+        live_p99_after,
         backlog_items,
         backlog_bytes,
         ready_after,
@@ -281,7 +397,7 @@ pub async fn run(bin: &Path, quick: bool) -> Result<ReplayFigures, String> {
         live_acked_alone: report_alone.acked_items,
         live_acked_with_replay: report.acked_items,
         peak_rss,
-        extra_delivered: sink.items().checked_sub(expected),
+        extra_delivered: delivered.checked_sub(expected),
         cpu_s: (cpu1 - cpu0).as_secs_f64(),
     })
 }

@@ -7,14 +7,19 @@
 //! claim, a release gives the rows back, each in one spool command. Nothing
 //! here holds a lock across spool I/O, and an exporter done with a row sends
 //! its delete or release without waiting for the commit.
+//!
+//! In memory mode replay gives way to live load (`pace.rs`): a probe loop
+//! measures the runtime's scheduling lag while there is a backlog, and each
+//! replay worker waits the paced gap before it claims its next run.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
+use super::pace::{Pace, PROBE_EVERY};
 use super::spool_writes::SpoolWrites;
 use super::{Pipeline, SPILL_HIGH_WATER, SPILL_LOW_WATER};
 use crate::batch::{Batch, Origin};
@@ -40,6 +45,8 @@ pub struct Spooled {
     writes: SpoolWrites,
     metrics: Arc<Metrics>,
     budget: Arc<MemoryBudget>,
+    /// The wait before each replay claim under live load (memory mode).
+    pace: Mutex<Pace>,
 }
 
 impl Spooled {
@@ -61,7 +68,26 @@ impl Spooled {
             writes: SpoolWrites::default(),
             metrics,
             budget,
+            pace: Mutex::new(Pace::new()),
         }
+    }
+
+    /// Whether replay is paced against live load: in memory mode. In durable
+    /// mode the replay workers carry the live data too.
+    fn paced(&self) -> bool {
+        self.handoff.is_none()
+    }
+
+    /// How long a replay worker waits now before it claims a run: only
+    /// while spooled rows wait (the probe samples only then).
+    fn gap(&self) -> Duration {
+        if !self.paced() || !self.spool.unclaimed().any() {
+            return Duration::ZERO;
+        }
+        self.pace
+            .lock()
+            .map(|p| p.gap(Instant::now()))
+            .unwrap_or(Duration::ZERO)
     }
 
     pub fn spool(&self) -> &Spool {
@@ -321,6 +347,14 @@ impl Pipeline {
                 }
             };
             tokio::pin!(handed_off);
+            // Under live load, give way before the next claim (`pace.rs`).
+            let gap = spooled.gap();
+            if !gap.is_zero() {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(gap) => {}
+                }
+            }
             match spooled.next().await {
                 Some(batch) => {
                     // `deliver` deletes or releases the rows, without waiting.
@@ -344,6 +378,46 @@ impl Pipeline {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                 }
+            }
+        }
+    }
+
+    /// The replay pace probe (memory mode, `pace.rs`): while the spool has
+    /// rows to replay, every `PROBE_EVERY` measure how long a ready task
+    /// waits for a worker thread, and whether live data is in memory. Idle
+    /// (no timer) while there is nothing to replay. Ends at `stop`.
+    pub async fn run_replay_pace(self: Arc<Self>, stop: CancellationToken) {
+        let spooled = &self.spooled;
+        if self.upstream.is_none() || !spooled.paced() {
+            return;
+        }
+        loop {
+            let unclaimed = spooled.spool.unclaimed();
+            let wake = unclaimed.wake().notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            if !unclaimed.any() {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = &mut wake => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(PROBE_EVERY) => {}
+            }
+            let ready = Instant::now();
+            tokio::task::yield_now().await;
+            let lag = ready.elapsed();
+            let now = Instant::now();
+            let live = self.budget.used() > 0;
+            if let Ok(mut pace) = spooled.pace.lock() {
+                if live {
+                    pace.live_seen(now);
+                }
+                pace.lag_sample(lag, now);
             }
         }
     }
