@@ -308,3 +308,90 @@ async fn the_reserve_lets_deletes_run_on_a_full_disk_and_a_delete_that_still_fai
     let auto_vacuum: i64 = ok(db.query_row("PRAGMA auto_vacuum", [], |r| r.get(0)));
     assert_eq!(auto_vacuum, 2, "new spools vacuum incrementally");
 }
+
+/// Bytes the spool's files hold on the disk.
+fn spool_bytes(path: &std::path::Path) -> u64 {
+    ["", "-wal", "-shm"]
+        .iter()
+        .filter_map(|s| std::fs::metadata(format!("{}{s}", path.display())).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[tokio::test]
+async fn an_empty_spool_that_cannot_shrink_on_a_full_disk_starts_over_and_keeps_its_row_ids() {
+    let Some(disk) = Tmpfs::mount(8 << 20) else {
+        return;
+    };
+    let path = disk.join("spool.db");
+    let opts = SpoolOptions {
+        max_bytes: 16 << 20,
+        synchronous: Synchronous::Normal,
+    };
+    let (spool, _) = ok(Spool::open(&path, opts));
+    // A pinned reader keeps every commit in the WAL: the database file does
+    // not grow while the rows go in.
+    let reader = ok(rusqlite::Connection::open(&path));
+    ok(reader.execute_batch("BEGIN"));
+    let _: i64 = ok(reader.query_row("SELECT count(*) FROM batches", [], |r| r.get(0)));
+    let mut ids = Vec::new();
+    for chunk in 0..5 {
+        ids.extend(
+            ok(spool
+                .insert((chunk * 12..chunk * 12 + 12).map(row).collect())
+                .await)
+            .ids,
+        );
+    }
+    assert_eq!(ids.len(), 60);
+
+    // The disk fills; upstream acknowledges every row: the delete goes
+    // through on the released reserve, and the spool is empty.
+    let filler = fill_rest(&disk);
+    ok(spool.delete(ids.clone()).await);
+    let stats = ok(spool.stats().await);
+    assert_eq!((stats.rows, stats.delete_pending_rows), (0, 0), "{stats:?}");
+    // The rest of the reserve goes too; then the reader lets go. A checkpoint
+    // now has to grow the file past the full disk, so the WAL cannot start
+    // over, and no vacuum step has room to give the pages back.
+    let more = fill_rest(&disk);
+    ok(reader.execute_batch("COMMIT"));
+    drop(reader);
+    let held = spool_bytes(&path);
+    assert!(
+        held > 3 << 20,
+        "the spool's files hold the rows' pages: {held}"
+    );
+
+    // The empty spool starts over: the space comes back, the disk-full
+    // state ends, and row ids go on from where they were.
+    let started = Instant::now();
+    loop {
+        let stats = ok(spool.stats().await);
+        if stats.full.is_none() {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the empty spool never gave its space back: {} bytes, {stats:?}",
+            spool_bytes(&path)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let now = spool_bytes(&path);
+    assert!(
+        now < 1 << 20,
+        "a fresh spool file: {now} bytes (was {held})"
+    );
+    let next = ok(spool.insert(vec![row(100)]).await).ids;
+    let last = ids.iter().copied().max().unwrap_or(0);
+    assert!(
+        next.len() == 1 && next[0] > last,
+        "row ids go on after {last}: {next:?}"
+    );
+    let back = ok(spool.oldest(0, usize::MAX).await);
+    assert_eq!(back.iter().map(|r| r.id).collect::<Vec<_>>(), next);
+    assert_eq!(back[0].payload, row(100).payload[0]);
+    ok(spool.close().await);
+    drop((filler, more));
+}

@@ -123,6 +123,10 @@ impl Store {
             .last_delete
             .is_some_and(|t| now.saturating_duration_since(t) < DRAINING_FOR);
         self.vacuum_step(draining);
+        if self.headroom.disk_full() && !self.pending.is_empty() {
+            // Deletes that cannot commit on a full disk.
+            self.start_over_if_empty();
+        }
         if self.headroom.disk_full() && self.headroom.restore() {
             tracing::info!(
                 path = %self.path.display(),
@@ -163,7 +167,10 @@ impl Store {
             }
             return;
         }
-        if free * self.page_size <= VACUUM_MIN_BYTES || free * 2 < pages {
+        let worth = free * self.page_size > VACUUM_MIN_BYTES && free * 2 >= pages;
+        // On a full disk an empty spool gives back whatever it holds.
+        let full_and_empty = empty && self.headroom.disk_full() && free > 0;
+        if !worth && !full_and_empty {
             return;
         }
         let step = if empty {
@@ -182,10 +189,11 @@ impl Store {
             Ok::<(), rusqlite::Error>(())
         })();
         if let Err(e) = vacuumed {
+            tracing::debug!(error = %e, "spool vacuum step failed; will retry");
             if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
                 self.headroom.release();
+                self.start_over_if_empty();
             }
-            tracing::debug!(error = %e, "spool vacuum step failed; will retry");
         }
     }
 

@@ -113,6 +113,7 @@ mod maintain;
 mod offline;
 mod open;
 mod read;
+mod restart;
 mod salvage;
 mod store;
 mod worker;

@@ -42,6 +42,19 @@ const JOURNAL_SIZE_LIMIT: i64 = 16 << 20;
 /// 100 ms on its own connection, off the commit path.
 const WAL_AUTOCHECKPOINT_PAGES: i64 = 16384;
 
+/// Creates the spool file ourselves so it is 0600 from the start; SQLite
+/// gives the -wal and -shm files the same mode.
+pub(super) fn create_private(path: &Path) -> Result<(), SpoolError> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(file_err("create", path))?;
+    fs::set_permissions(path, Permissions::from_mode(0o600)).map_err(file_err("chmod", path))
+}
+
 pub(super) fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> SpoolError + '_ {
     move |source| match source.sqlite_error_code() {
         Some(ErrorCode::DiskFull) => SpoolError::Full {
@@ -92,8 +105,10 @@ pub(super) type Removed = (String, i64, i64, i64);
 /// An open spool: the connection, the lock, and counts kept in step with the table.
 pub(super) struct Store {
     /// Checkpoints the WAL on its own connection; stopped before `conn` closes.
-    checkpointer: Option<Checkpointer>,
+    pub(super) checkpointer: Option<Checkpointer>,
     pub(super) conn: Connection,
+    /// What the spool was opened with (`restart.rs` opens a fresh file).
+    pub(super) opts: SpoolOptions,
     pub(super) path: PathBuf,
     /// Counts of the rows that are live: rows whose delete is pending are not
     /// in them.
@@ -138,23 +153,14 @@ impl Store {
             .as_ref()
             .filter(|(_, why)| is_damage(why))
             .cloned();
-        // Create the file ourselves so it is 0600 from the start; SQLite gives the
-        // -wal and -shm files the same mode.
-        OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(file_err("create", path))?;
-        fs::set_permissions(path, Permissions::from_mode(0o600))
-            .map_err(file_err("chmod", path))?;
+        create_private(path)?;
 
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
             .map_err(sql_err(path))?;
         let mut store = Store {
             checkpointer: None,
             conn,
+            opts: opts.clone(),
             path: path.to_owned(),
             stats: SpoolStats::default(),
             pending: BTreeMap::new(),
@@ -179,7 +185,7 @@ impl Store {
         Ok((store, report))
     }
 
-    fn configure(&mut self, opts: &SpoolOptions) -> rusqlite::Result<()> {
+    pub(super) fn configure(&mut self, opts: &SpoolOptions) -> rusqlite::Result<()> {
         let conn = &self.conn;
         conn.busy_timeout(Duration::from_secs(5))?;
         let objects: i64 =
