@@ -222,24 +222,29 @@ fn fill_rest(disk: &Tmpfs) -> std::path::PathBuf {
     path
 }
 
-#[tokio::test]
-async fn the_reserve_lets_deletes_run_on_a_full_disk_and_a_delete_that_still_fails_stays_pending() {
-    let Some(disk) = Tmpfs::mount(8 << 20) else {
-        return;
-    };
+/// A spool on `disk` with a 1 MiB reserve (max_bytes / 16), and a reader
+/// pinned to a snapshot: it keeps every later commit in the WAL (no
+/// checkpoint can pass it, so the WAL never starts over) until it commits.
+fn open_pinned(disk: &Tmpfs) -> (Spool, std::path::PathBuf, rusqlite::Connection) {
     let path = disk.join("spool.db");
-    // A 1 MiB reserve (max_bytes / 16).
     let opts = SpoolOptions {
         max_bytes: 16 << 20,
         synchronous: Synchronous::Normal,
     };
     let (spool, _) = ok(Spool::open(&path, opts));
-    // A reader pinned to a snapshot keeps every later commit in the WAL (no
-    // checkpoint can pass it, so the WAL never starts over): each delete must
-    // append to the WAL, which needs disk space.
     let reader = ok(rusqlite::Connection::open(&path));
     ok(reader.execute_batch("BEGIN"));
     let _: i64 = ok(reader.query_row("SELECT count(*) FROM batches", [], |r| r.get(0)));
+    (spool, path, reader)
+}
+
+#[tokio::test]
+async fn the_reserve_lets_deletes_run_on_a_full_disk_and_a_delete_that_still_fails_stays_pending() {
+    let Some(disk) = Tmpfs::mount(8 << 20) else {
+        return;
+    };
+    let (spool, path, reader) = open_pinned(&disk);
+    // Each delete must append to the WAL, which needs disk space.
     let ids = ok(spool.insert((0..12).map(row).collect()).await).ids;
     assert_eq!(ids.len(), 12);
 
@@ -323,17 +328,8 @@ async fn an_empty_spool_that_cannot_shrink_on_a_full_disk_starts_over_and_keeps_
     let Some(disk) = Tmpfs::mount(8 << 20) else {
         return;
     };
-    let path = disk.join("spool.db");
-    let opts = SpoolOptions {
-        max_bytes: 16 << 20,
-        synchronous: Synchronous::Normal,
-    };
-    let (spool, _) = ok(Spool::open(&path, opts));
-    // A pinned reader keeps every commit in the WAL: the database file does
-    // not grow while the rows go in.
-    let reader = ok(rusqlite::Connection::open(&path));
-    ok(reader.execute_batch("BEGIN"));
-    let _: i64 = ok(reader.query_row("SELECT count(*) FROM batches", [], |r| r.get(0)));
+    // The database file does not grow while the rows go in.
+    let (spool, path, reader) = open_pinned(&disk);
     let mut ids = Vec::new();
     for chunk in 0..5 {
         ids.extend(
