@@ -14,6 +14,17 @@ use telespool::signal::Signal;
 use telespool::spool::{NewBatch, Spool, SpoolOptions, Synchronous};
 use tempfile::TempDir;
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+#[path = "e2e/realistic.rs"]
+#[allow(dead_code)]
+mod realistic;
+
+#[path = "e2e/procfs.rs"]
+#[allow(dead_code)]
+mod procfs;
+
 const TOTAL: usize = 64 << 20;
 const BATCH: usize = 4 << 20;
 
@@ -179,5 +190,92 @@ fn replay_small_rows(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, insert_64mib, replay_64mib, replay_small_rows);
+/// Durable mode's steady state, as the spool thread sees it: 128 MiB of
+/// realistic trace requests go through as groups of 3.5 requests (~180 KB, what
+/// 8 clients make) committed with `insert_claimed`, each group deleted once
+/// the four groups after it are committed (upstream acknowledging a few
+/// batches behind). Rows live briefly, so the WAL, its checkpoints and page
+/// reuse are exercised as in `durable-nogzip`. Reported: wall time, and the
+/// process's CPU time (spool and checkpoint threads) per GiB on stderr.
+fn durable_cycle(c: &mut Criterion) {
+    const VOLUME: usize = 128 << 20;
+    const LAG: usize = 4;
+    let requests: Vec<Bytes> = (0..200)
+        .map(|j| {
+            let start = (j * 100) as u64;
+            let ids: Vec<u64> = (start..start + 100).collect();
+            realistic::build(support::Signal::Traces, j, &ids).encode_to_bytes()
+        })
+        .collect();
+    let per_request = requests.iter().map(Bytes::len).sum::<usize>() / requests.len();
+    let groups = VOLUME / (per_request * 7 / 2);
+    let rt = runtime();
+    let mut group = c.benchmark_group("spool_durable_cycle_128MiB");
+    group.throughput(Throughput::Bytes(VOLUME as u64));
+    group.sample_size(10);
+    group.bench_function("insert_claimed_then_delete", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            let mut cpu = Duration::ZERO;
+            for _ in 0..iters {
+                let dir = TempDir::new().expect("tempdir");
+                let spool = open(&dir, Synchronous::Normal);
+                let start = Instant::now();
+                let cpu0 = process_cpu();
+                rt.block_on(async {
+                    let mut live = std::collections::VecDeque::new();
+                    for g in 0..groups {
+                        // 3 or 4 requests a group, 3.5 on average.
+                        let n = 3 + g % 2;
+                        let payload: Vec<Bytes> = (0..n)
+                            .map(|k| requests[(g * 4 + k) % requests.len()].clone())
+                            .collect();
+                        let batch = NewBatch {
+                            signal: Signal::Traces,
+                            items: 100 * n as u64,
+                            created_ms: g as i64,
+                            attempts: 0,
+                            payload,
+                        };
+                        let outcome = spool.insert_claimed(vec![batch]).await.expect("insert");
+                        live.extend(outcome.ids);
+                        if live.len() > LAG {
+                            let id = live.pop_front().expect("a live row");
+                            spool.delete(vec![id]).await.expect("delete");
+                        }
+                    }
+                    spool
+                        .delete(live.into_iter().collect())
+                        .await
+                        .expect("delete");
+                });
+                spent += start.elapsed();
+                cpu += process_cpu().saturating_sub(cpu0);
+                rt.block_on(spool.close()).expect("close");
+            }
+            let gib = (VOLUME as f64 * iters as f64) / f64::from(1 << 30);
+            eprintln!(
+                "durable cycle: {:.2} CPU-s per GiB (wall {:.2} s per GiB)",
+                cpu.as_secs_f64() / gib,
+                spent.as_secs_f64() / gib
+            );
+            spent
+        })
+    });
+    group.finish();
+}
+
+/// CPU time of this process, all threads (utime + stime).
+fn process_cpu() -> Duration {
+    let ticks = procfs::clock_ticks();
+    procfs::cpu_time(std::process::id(), ticks).unwrap_or_default()
+}
+
+criterion_group!(
+    benches,
+    insert_64mib,
+    replay_64mib,
+    replay_small_rows,
+    durable_cycle
+);
 criterion_main!(benches);

@@ -251,6 +251,50 @@ async fn committed_rows_reach_the_database_file_without_a_close_by_the_checkpoin
     spool.close().await.expect("close");
 }
 
+/// Durable mode's pattern: rows committed back to back, each deleted a few
+/// commits later. The WAL must start over in place rather than grow to the
+/// writer's backstop autocheckpoint (16384 pages, 64 MiB) and be cut back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_stream_of_commits_and_deletes_keeps_the_wal_within_its_size_limit() {
+    const ROW: usize = 192 * 1024;
+    const ROWS: usize = 800; // 150 MiB
+    let dir = TempDir::new().expect("tempdir");
+    let path = spool_path(&dir);
+    let (spool, _) = open(&path);
+    let wal = path.with_extension("db-wal");
+    let mut live = std::collections::VecDeque::new();
+    let mut deleted = 0;
+    let mut largest = 0;
+    for i in 0..ROWS {
+        let payload: Vec<u8> = (0..ROW).map(|k| (k * 31 + i) as u8).collect();
+        let row = batch(Signal::Traces, 100, i as i64, &[&payload]);
+        let outcome = spool.insert_claimed(vec![row]).await.expect("insert");
+        assert_eq!(outcome.ids.len(), 1, "row {i} not written: {outcome:?}");
+        live.extend(outcome.ids);
+        if live.len() > 4 {
+            let id = live.pop_front().expect("a live row");
+            spool.delete(vec![id]).await.expect("delete");
+            deleted += 1;
+        }
+        largest = largest.max(fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+    }
+    deleted += live.len();
+    spool
+        .delete(live.into_iter().collect())
+        .await
+        .expect("delete");
+    assert_eq!(deleted, ROWS);
+    assert_eq!(assert_stats_consistent(&spool).await.rows, 0);
+    // journal_size_limit is 16 MiB; the rest is what one checkpoint interval
+    // can add on a slow machine.
+    assert!(
+        largest < 48 << 20,
+        "the WAL grew to {largest} bytes while {} MiB went through",
+        (ROWS * ROW) >> 20
+    );
+    spool.close().await.expect("close");
+}
+
 #[tokio::test]
 async fn rows_survive_close_and_reopen_and_ids_are_not_reused() {
     let dir = TempDir::new().expect("tempdir");

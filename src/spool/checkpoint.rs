@@ -10,9 +10,21 @@
 //! Rows live briefly and their pages are reused, so each checkpoint copies
 //! little. The writer keeps a high `wal_autocheckpoint` as a backstop should
 //! this thread fall behind.
+//!
+//! Catching up: under a steady stream of commits a passive checkpoint never
+//! reaches the end of the WAL (frames are appended while it copies), and
+//! SQLite starts the WAL over only once every frame is copied. So the WAL
+//! grew to the backstop (64 MiB), a commit then checkpointed it on the
+//! commit path, and the file was cut back to `journal_size_limit`, dropping
+//! its page cache, every few seconds. Now, after each pass that copied
+//! frames, the spool thread copies the few frames committed during the pass
+//! itself, between two commands (`Store::finish_checkpoint`): the WAL then
+//! starts over in place, within `journal_size_limit`.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -29,6 +41,8 @@ pub(super) struct Checkpointer {
     /// Dropping it stops the thread.
     stop: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
+    /// Set after each pass that copied frames: the writer then finishes it.
+    passed: Arc<AtomicBool>,
 }
 
 impl Checkpointer {
@@ -47,14 +61,22 @@ impl Checkpointer {
             .map_err(&sql)?;
         let (stop, stopped) = mpsc::channel();
         let path = path.to_owned();
+        let passed = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&passed);
         let thread = thread::Builder::new()
             .name("telespool-checkpoint".into())
-            .spawn(move || run(conn, &stopped, &path))
+            .spawn(move || run(conn, &stopped, &path, &flag))
             .map_err(SpoolError::Thread)?;
         Ok(Checkpointer {
             stop: Some(stop),
             thread: Some(thread),
+            passed,
         })
+    }
+
+    /// Whether a pass copied frames since the last call.
+    pub(super) fn take_pass(&self) -> bool {
+        self.passed.swap(false, Ordering::Relaxed)
     }
 
     /// Stops the thread and waits for it (at most one checkpoint).
@@ -74,11 +96,17 @@ impl Drop for Checkpointer {
     }
 }
 
-fn run(conn: Connection, stopped: &mpsc::Receiver<()>, path: &Path) {
+fn run(conn: Connection, stopped: &mpsc::Receiver<()>, path: &Path, passed: &AtomicBool) {
     let mut failing = false;
     while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(INTERVAL) {
-        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            Ok(()) => failing = false,
+        let pass = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(2));
+        match pass {
+            Ok(copied) => {
+                failing = false;
+                if copied > 0 {
+                    passed.store(true, Ordering::Relaxed);
+                }
+            }
             // Logged once per failure streak; the writer's backstop
             // autocheckpoint keeps the WAL bounded meanwhile.
             Err(e) if !failing => {

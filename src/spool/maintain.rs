@@ -112,6 +112,24 @@ impl Store {
         self.sync_flags();
     }
 
+    /// After a pass of the checkpoint thread, copies the frames committed
+    /// while it ran (`checkpoint.rs`). Between commands nothing is appended,
+    /// so this pass reaches the end of the WAL, and the next write
+    /// transaction starts the WAL over from its beginning. A failure (a full
+    /// disk, say) is retried after the next pass.
+    pub(super) fn finish_checkpoint(&mut self) {
+        if !self.checkpointer.as_ref().is_some_and(|c| c.take_pass()) {
+            return;
+        }
+        let pass = self
+            .conn
+            .prepare_cached("PRAGMA wal_checkpoint(PASSIVE)")
+            .and_then(|mut stmt| stmt.query_row([], |_| Ok(())));
+        if let Err(e) = pass {
+            tracing::debug!(path = %self.path.display(), error = %e, "finishing a spool checkpoint failed");
+        }
+    }
+
     /// One maintenance pass, at most every [`INTERVAL`].
     pub(super) fn maintain(&mut self, now: Instant) {
         if now.duration_since(self.maintained) < INTERVAL {

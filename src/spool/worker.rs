@@ -152,6 +152,7 @@ pub(super) fn run(
     };
     let mut next = None;
     loop {
+        w.store.finish_checkpoint();
         w.store.maintain(tokio::time::Instant::now());
         publish(stats, w.store.stats());
         let command = match next.take() {
