@@ -19,7 +19,9 @@
 //! its page cache, every few seconds. Now, after each pass that copied
 //! frames, the spool thread copies the few frames committed during the pass
 //! itself, between two commands (`Store::finish_checkpoint`): the WAL then
-//! starts over in place, within `journal_size_limit`.
+//! starts over in place, within `journal_size_limit`. When commits outpace
+//! the checkpoints (a slow disk), the WAL still grows; past twice that size
+//! the spool thread waits for a complete checkpoint, and commits with it.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -26,6 +26,7 @@
 //! is converted with one `VACUUM` the first time it is empty, when that is
 //! cheap.
 
+use std::fs;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -35,6 +36,11 @@ use super::store::{Removed, Store};
 
 /// How often the worker runs [`Store::maintain`] (also when idle).
 pub(super) const INTERVAL: Duration = Duration::from_millis(100);
+/// Size of the WAL file past which the spool thread waits for a complete
+/// checkpoint before its next command: twice `journal_size_limit`.
+const WAL_HIGH: u64 = 32 << 20;
+/// How long it waits at most (the checkpoint thread's pass plus the rest).
+const WAL_WAIT: Duration = Duration::from_secs(5);
 /// A delete this recent means replay is draining the spool: vacuum waits.
 /// Durable mode under load deletes all the time, so its file keeps its
 /// high-water size (free pages are reused) instead of shrinking and growing.
@@ -112,21 +118,43 @@ impl Store {
         self.sync_flags();
     }
 
-    /// After a pass of the checkpoint thread, copies the frames committed
-    /// while it ran (`checkpoint.rs`). Between commands nothing is appended,
-    /// so this pass reaches the end of the WAL, and the next write
-    /// transaction starts the WAL over from its beginning. A failure (a full
-    /// disk, say) is retried after the next pass.
+    /// Between two commands of the spool thread: after a pass of the
+    /// checkpoint thread, copies the frames committed while it ran
+    /// (`checkpoint.rs`). Nothing is appended meanwhile, so this pass reaches
+    /// the end of the WAL, and the next write transaction starts the WAL over
+    /// from its beginning. When the WAL file has grown past [`WAL_HIGH`]
+    /// anyway (commits outpacing what the disk takes), it waits for the
+    /// checkpoint thread's pass and copies the rest: commits wait with it,
+    /// which is the backpressure that keeps the WAL, outside `max_bytes`,
+    /// bounded on disk. A failure (a full disk, say) is retried later.
     pub(super) fn finish_checkpoint(&mut self) {
-        if !self.checkpointer.as_ref().is_some_and(|c| c.take_pass()) {
+        let passed = self.checkpointer.as_ref().is_some_and(|c| c.take_pass());
+        let oversized = || {
+            let wal = self.path.with_extension("db-wal");
+            fs::metadata(wal).is_ok_and(|m| m.len() > WAL_HIGH)
+        };
+        if !passed && !oversized() {
             return;
         }
-        let pass = self
-            .conn
-            .prepare_cached("PRAGMA wal_checkpoint(PASSIVE)")
-            .and_then(|mut stmt| stmt.query_row([], |_| Ok(())));
-        if let Err(e) = pass {
-            tracing::debug!(path = %self.path.display(), error = %e, "finishing a spool checkpoint failed");
+        let waited = Instant::now();
+        loop {
+            // (busy, frames in the WAL, frames copied): busy while the
+            // checkpoint thread is in a pass.
+            let pass = self
+                .conn
+                .prepare_cached("PRAGMA wal_checkpoint(PASSIVE)")
+                .and_then(|mut stmt| stmt.query_row([], |r| r.get::<_, i64>(0)));
+            match pass {
+                Ok(0) => return,
+                Ok(_) if waited.elapsed() < WAL_WAIT && oversized() => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::debug!(path = %self.path.display(), error = %e, "finishing a spool checkpoint failed");
+                    return;
+                }
+            }
         }
     }
 
