@@ -151,8 +151,42 @@ fn init_logging(config: &Config) {
     }
 }
 
+/// glibc malloc thresholds for the agent's allocation pattern, set once at
+/// start before any thread exists.
+///
+/// Request bodies (tens of KiB each) are allocated on the runtime's worker
+/// threads, so in glibc's per-thread arenas, and freed together when their
+/// batch (~4 MiB) is acknowledged. With the default 128 KiB trim threshold
+/// each such free gives the top of the arena back to the kernel
+/// (`madvise`), and the next batch's bodies fault the same pages in again:
+/// 15-30 K page faults per million realistic spans. Keeping up to 64 MiB of
+/// free top per arena, and mmapping only allocations of 4 MiB or more (which
+/// also fixes the thresholds that glibc otherwise raises as it goes), cut the
+/// page faults by ~85 % and the agent's CPU per span by 4-13 % for +2-3 MiB
+/// of peak RSS (README, "Hot path and compression (issue 17), round 3").
+/// Memory in use is still bounded by `buffer.max_bytes`; this only decides
+/// how much freed memory waits for reuse instead of going back to the
+/// kernel. Other C libraries (musl) are left as they are.
+fn tune_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const TRIM_THRESHOLD: libc::c_int = 64 << 20;
+        const MMAP_THRESHOLD: libc::c_int = 4 << 20;
+        // SAFETY: mallopt only sets allocator parameters; it is called
+        // before the runtime starts any thread.
+        let set = unsafe {
+            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+                && libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+        };
+        if !set {
+            tracing::warn!("mallopt refused the trim/mmap thresholds; keeping glibc's defaults");
+        }
+    }
+}
+
 fn run(config: Config, drain: Option<std::time::Duration>) -> ExitCode {
     init_logging(&config);
+    tune_malloc();
     // Token, TLS and header files: before the spool and the sockets, so a bad
     // file stops the start as early as a config error.
     let files = match Files::load(&config) {
