@@ -260,9 +260,10 @@ async fn a_steady_stream_of_commits_and_deletes_keeps_the_wal_within_its_size_li
     const ROW: usize = 192 * 1024;
     const ROWS: usize = 800; // 150 MiB
     let dir = TempDir::new().expect("tempdir");
-    let path = spool_path(&dir);
+    // A file name without `.db`: SQLite's WAL is the name plus `-wal`.
+    let path = dir.path().join("state").join("telemetry-spool");
     let (spool, _) = open(&path);
-    let wal = path.with_extension("db-wal");
+    let wal = dir.path().join("state").join("telemetry-spool-wal");
     let mut live = std::collections::VecDeque::new();
     let mut deleted = 0;
     let mut largest = 0;

@@ -32,6 +32,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::disk::FullReason;
+use super::open::sibling;
 use super::store::{Removed, Store};
 
 /// How often the worker runs [`Store::maintain`] (also when idle).
@@ -129,10 +130,8 @@ impl Store {
     /// bounded on disk. A failure (a full disk, say) is retried later.
     pub(super) fn finish_checkpoint(&mut self) {
         let passed = self.checkpointer.as_ref().is_some_and(|c| c.take_pass());
-        let oversized = || {
-            let wal = self.path.with_extension("db-wal");
-            fs::metadata(wal).is_ok_and(|m| m.len() > WAL_HIGH)
-        };
+        let oversized =
+            || fs::metadata(sibling(&self.path, "-wal")).is_ok_and(|m| m.len() > WAL_HIGH);
         if !passed && !oversized() {
             return;
         }
@@ -288,6 +287,40 @@ mod tests {
             .collect();
         let ids = store.insert(&rows).unwrap().ids;
         (store, ids)
+    }
+
+    /// With no checkpoint thread keeping up (here: none at all), the WAL
+    /// still stops near `WAL_HIGH`: the spool thread checkpoints it whole
+    /// before its next command, and the next commit starts it over.
+    #[test]
+    fn a_wal_past_its_high_mark_is_checkpointed_whole_between_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("telemetry-spool");
+        let (mut store, _) = Store::open(&path, &SpoolOptions::default()).unwrap();
+        if let Some(mut checkpointer) = store.checkpointer.take() {
+            checkpointer.stop();
+        }
+        let wal = dir.path().join("telemetry-spool-wal");
+        let mut largest = 0;
+        for i in 0..48 {
+            let row = NewBatch {
+                signal: Signal::Logs,
+                items: 1,
+                created_ms: i,
+                attempts: 0,
+                payload: vec![bytes::Bytes::from(vec![i as u8; 1 << 20])],
+            };
+            store.finish_checkpoint();
+            let ids = store.insert(std::slice::from_ref(&row)).unwrap().ids;
+            store.delete(&ids).unwrap();
+            largest = largest.max(fs::metadata(&wal).unwrap().len());
+        }
+        // 48 MiB went through; without the high mark the WAL holds all of it
+        // (the writer's own autocheckpoint is at 64 MiB).
+        assert!(
+            largest < WAL_HIGH + (4 << 20),
+            "the WAL grew to {largest} bytes"
+        );
     }
 
     #[test]
