@@ -88,10 +88,16 @@ async fn upstream_down_mid_load_spills_to_the_spool_and_every_acknowledged_id_ar
         metric(&agent, "telespool_upstream_failing_since_seconds").await,
         0.0
     );
-    assert!(
-        agent.stderr().contains("upstream is failing")
-            && agent.stderr().contains("upstream is up again")
-    );
+    ok(eventually(
+        "the outage and the recovery are logged",
+        DEADLINE,
+        || async {
+            let stderr = agent.stderr();
+            (stderr.contains("upstream is failing") && stderr.contains("upstream is up again"))
+                .then_some(())
+        },
+    )
+    .await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -280,8 +286,15 @@ async fn partial_success_replies_are_counted_and_not_retried() {
     })
     .await);
     assert_eq!(upstream.duplicates(Signal::Traces), 0, "not retried");
-    assert!(
-        agent.stderr().contains("two spans had no name"),
-        "upstream's message is logged"
+    // The agent's stderr reaches the harness through a pipe and a reader
+    // thread: the line can arrive after the metric was scraped.
+    ok(
+        eventually("upstream's message is logged", DEADLINE, || async {
+            agent
+                .stderr()
+                .contains("two spans had no name")
+                .then_some(())
+        })
+        .await,
     );
 }
