@@ -118,6 +118,7 @@ mod read;
 mod restart;
 mod salvage;
 mod store;
+mod vfs;
 mod worker;
 
 use std::collections::HashSet;
