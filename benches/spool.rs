@@ -219,12 +219,10 @@ fn durable_cycle(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let mut spent = Duration::ZERO;
             let mut cpu = Duration::ZERO;
-            let mut writes = 0u64;
             for _ in 0..iters {
                 let dir = TempDir::new().expect("tempdir");
                 let spool = open(&dir, Synchronous::Normal);
                 let cpu0 = process_cpu(ticks);
-                let writes0 = write_syscalls();
                 let start = Instant::now();
                 rt.block_on(async {
                     let mut live = std::collections::VecDeque::new();
@@ -255,33 +253,18 @@ fn durable_cycle(c: &mut Criterion) {
                 });
                 spent += start.elapsed();
                 cpu += process_cpu(ticks).saturating_sub(cpu0);
-                writes += write_syscalls().saturating_sub(writes0);
                 rt.block_on(spool.close()).expect("close");
             }
             let gib = (VOLUME as f64 * iters as f64) / f64::from(1 << 30);
             eprintln!(
-                "durable cycle: {:.2} CPU-s per GiB (wall {:.2} s per GiB), {:.0} K write syscalls per GiB",
+                "durable cycle: {:.2} CPU-s per GiB (wall {:.2} s per GiB)",
                 cpu.as_secs_f64() / gib,
-                spent.as_secs_f64() / gib,
-                writes as f64 / gib / 1e3
+                spent.as_secs_f64() / gib
             );
             spent
         })
     });
     group.finish();
-}
-
-/// Write-like syscalls of this process so far (`syscw` in /proc/self/io:
-/// write, pwrite, writev...), or 0 where the kernel does not count them.
-fn write_syscalls() -> u64 {
-    std::fs::read_to_string("/proc/self/io")
-        .ok()
-        .and_then(|io| {
-            io.lines()
-                .find_map(|l| l.strip_prefix("syscw:"))
-                .and_then(|n| n.trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// CPU time of this process, all threads (utime + stime).

@@ -33,9 +33,7 @@
 //! Modules that neither the binary (`main.rs`) nor the integration tests,
 //! benches and fuzz targets use are `pub(crate)`, so the compiler reports
 //! what in them has become dead.
-// One module is unsafe, and says why at its top: the spool writer's SQLite
-// VFS shim (`spool/vfs.rs`). Everything else stays safe Rust.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub(crate) mod activation;
 pub mod admin;

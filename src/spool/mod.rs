@@ -118,7 +118,6 @@ mod read;
 mod restart;
 mod salvage;
 mod store;
-mod vfs;
 mod worker;
 
 use std::collections::HashSet;

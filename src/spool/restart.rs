@@ -19,7 +19,7 @@
 use std::fs;
 use std::io;
 
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use super::checkpoint::Checkpointer;
 use super::open::sibling;
@@ -98,7 +98,8 @@ impl Store {
             }
         }
         create_private(&path)?;
-        self.conn = super::vfs::open_writer(&path).map_err(&sql)?;
+        self.conn =
+            Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_WRITE).map_err(&sql)?;
         let opts = self.opts.clone();
         self.configure(&opts).map_err(&sql)?;
         if seq > 0 {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rusqlite::blob::{Blob, ZeroBlob};
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension, MAIN_DB};
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, MAIN_DB};
 
 use super::checkpoint::Checkpointer;
 use super::disk::{FullReason, Headroom};
@@ -155,7 +155,8 @@ impl Store {
             .cloned();
         create_private(path)?;
 
-        let conn = super::vfs::open_writer(path).map_err(sql_err(path))?;
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+            .map_err(sql_err(path))?;
         let mut store = Store {
             checkpointer: None,
             conn,
