@@ -287,12 +287,13 @@ async fn a_steady_stream_of_commits_and_deletes_keeps_the_wal_within_its_size_li
         .expect("delete");
     assert_eq!(deleted, ROWS);
     assert_eq!(assert_stats_consistent(&spool).await.rows, 0);
-    // journal_size_limit is 16 MiB; past 32 MiB the spool thread waits for a
+    // journal_size_limit is 32 MiB; past 64 MiB the spool thread waits for a
     // complete checkpoint before its next commit. The rest is slack for a slow
-    // machine. Before, it grew to the 64 MiB backstop and (in a release build,
-    // with the checkpoint thread busy) past 130 MiB.
+    // machine. Before the WAL restarted in place, it grew to the autocheckpoint
+    // backstop and (in a release build, with the checkpoint thread busy) past
+    // 130 MiB.
     assert!(
-        largest < 48 << 20,
+        largest < 80 << 20,
         "the WAL grew to {largest} bytes while {} MiB went through",
         (ROWS * ROW) >> 20
     );

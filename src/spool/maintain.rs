@@ -39,7 +39,7 @@ use super::store::{Removed, Store};
 pub(super) const INTERVAL: Duration = Duration::from_millis(100);
 /// Size of the WAL file past which the spool thread waits for a complete
 /// checkpoint before its next command: twice `journal_size_limit`.
-const WAL_HIGH: u64 = 32 << 20;
+const WAL_HIGH: u64 = 64 << 20;
 /// How long it waits at most (the checkpoint thread's pass plus the rest).
 const WAL_WAIT: Duration = Duration::from_secs(5);
 /// A delete this recent means replay is draining the spool: vacuum waits.
@@ -302,7 +302,7 @@ mod tests {
         }
         let wal = dir.path().join("telemetry-spool-wal");
         let mut largest = 0;
-        for i in 0..48 {
+        for i in 0..96 {
             let row = NewBatch {
                 signal: Signal::Logs,
                 items: 1,
@@ -315,8 +315,8 @@ mod tests {
             store.delete(&ids).unwrap();
             largest = largest.max(fs::metadata(&wal).unwrap().len());
         }
-        // 48 MiB went through; without the high mark the WAL holds all of it
-        // (the writer's own autocheckpoint is at 64 MiB).
+        // 96 MiB went through; without the high mark the WAL holds all of it
+        // (the writer's own autocheckpoint is at 128 MiB).
         assert!(
             largest < WAL_HIGH + (4 << 20),
             "the WAL grew to {largest} bytes"

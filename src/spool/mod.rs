@@ -66,8 +66,8 @@
 //! (`maintain.rs`). A full *disk* is told apart from `max_bytes` with `statvfs`
 //! ([`SpoolStats::full`]) and met with a reserve file released for deletes and
 //! checkpoints (`disk.rs`). The bound does not cover the WAL file. That file starts over in
-//! place after each checkpoint, within `journal_size_limit` (16 MiB); should commits outpace
-//! the checkpoints, past 32 MiB the spool thread waits for a complete one before its next
+//! place after each checkpoint, within `journal_size_limit` (32 MiB); should commits outpace
+//! the checkpoints, past 64 MiB the spool thread waits for a complete one before its next
 //! command (`checkpoint.rs`, `Store::finish_checkpoint`).
 //! Lowering `max_bytes` below the current file size keeps the current size as the
 //! bound until rows are deleted and their pages reused.

@@ -36,11 +36,13 @@ const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS batches(
     attempts INTEGER NOT NULL,
     payload BLOB NOT NULL)";
 /// The WAL is cut back to this size after a checkpoint that emptied it.
-const JOURNAL_SIZE_LIMIT: i64 = 16 << 20;
+const JOURNAL_SIZE_LIMIT: i64 = 32 << 20;
 /// Pages appended to the WAL before a commit checkpoints it itself (SQLite's
 /// default is 1000). Only a backstop: [`Checkpointer`] checkpoints every
-/// 100 ms on its own connection, off the commit path.
-const WAL_AUTOCHECKPOINT_PAGES: i64 = 16384;
+/// 100 ms on its own connection, off the commit path, and past `WAL_HIGH`
+/// (`maintain.rs`, 64 MiB) the spool thread completes one itself; 128 MiB
+/// at 4 KiB pages.
+const WAL_AUTOCHECKPOINT_PAGES: i64 = 32768;
 
 /// Creates the spool file ourselves so it is 0600 from the start; SQLite
 /// gives the -wal and -shm files the same mode.
