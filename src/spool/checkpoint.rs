@@ -14,7 +14,7 @@
 //! Catching up: under a steady stream of commits a passive checkpoint never
 //! reaches the end of the WAL (frames are appended while it copies), and
 //! SQLite starts the WAL over only once every frame is copied. So the WAL
-//! grew to the backstop (64 MiB), a commit then checkpointed it on the
+//! grew to the backstop (then 64 MiB), a commit then checkpointed it on the
 //! commit path, and the file was cut back to `journal_size_limit`, dropping
 //! its page cache, every few seconds. Now, after each pass that copied
 //! frames, the spool thread copies the few frames committed during the pass
