@@ -1,7 +1,7 @@
 //! Whole-buffer compression of one upstream request, for both protocols.
 //!
-//! The batch's chunks are fed straight to the compressor (zlib-rs deflate
-//! with the gzip wrapper, or libzstd's streaming API), which writes into one
+//! The batch's chunks are fed straight to the compressor (deflate with the
+//! gzip wrapper, or libzstd's streaming API), which writes into one
 //! output buffer that starts with `prefix` zero bytes (the gRPC frame header,
 //! filled in by the caller; 0 for HTTP). No `Write` adapter sits in between:
 //! `flate2::write::GzEncoder` and `zstd::stream::write::Encoder` compress
@@ -11,7 +11,15 @@
 //! fresh pages cost a page fault per 4 KiB on every batch) is kept per thread
 //! and reset between batches.
 //!
-//! Levels: gzip at 1 (zlib-rs) and zstd at -1, zstd's first fast level.
+//! gzip is ISA-L's igzip at level 1 when the crate is built with the `isal`
+//! feature (the packages are), zlib-rs at level 1 otherwise. On the 4 MB
+//! realistic batch of `cargo bench --features isal --bench compress --
+//! request_body`: ISA-L 6.0 ms for a ratio of 4.62, zlib-rs 8.4 ms for 4.11
+//! (0.72x the time, 11 % fewer bytes). ISA-L's level 1 hashes and matches
+//! with SIMD and still builds dynamic Huffman tables; zlib-rs's level 1 is
+//! zlib-ng's `deflate_quick` (static tables only).
+//!
+//! Levels: gzip at 1 and zstd at -1, zstd's first fast level.
 //! On a 1.6 MB batch of 4000 HTTP-server-like spans (random ids, varied
 //! URLs, user agents, addresses), one release run, three repeats: gzip-1
 //! 3.15x at 93-123 MB/s, gzip-6 3.95x at 38-40 MB/s, zstd-1 3.87x at 175-182
@@ -28,6 +36,7 @@ use std::cell::RefCell;
 use std::io;
 
 use bytes::Bytes;
+#[cfg(not(feature = "isal"))]
 use flate2::{Compress, FlushCompress, Status};
 use zstd::stream::raw::{CParameter, InBuffer, Operation, OutBuffer};
 
@@ -47,7 +56,10 @@ thread_local! {
 
 #[derive(Default)]
 struct Encoders {
+    #[cfg(not(feature = "isal"))]
     gzip: Option<Compress>,
+    #[cfg(feature = "isal")]
+    gzip: Option<isal::write::Encoder<Vec<u8>>>,
     zstd: Option<zstd::stream::raw::Encoder<'static>>,
 }
 
@@ -63,7 +75,9 @@ pub fn compress(chunks: &[Bytes], compression: Compression, prefix: usize) -> io
     out.resize(prefix, 0);
     match compression {
         Compression::None => chunks.iter().for_each(|c| out.extend_from_slice(c)),
-        Compression::Gzip => ENCODERS.with(|e| gzip(&mut e.borrow_mut().gzip, chunks, &mut out))?,
+        Compression::Gzip => {
+            ENCODERS.with(|e| gzip(&mut e.borrow_mut().gzip, chunks, &mut out))?;
+        }
         Compression::Zstd => {
             ENCODERS.with(|e| zstd(&mut e.borrow_mut().zstd, chunks, total, &mut out))?
         }
@@ -79,6 +93,34 @@ fn make_room(out: &mut Vec<u8>) {
     }
 }
 
+/// gzip through ISA-L: its stateful stream fed chunk by chunk; it deflates
+/// into a 64 KiB buffer of its own and appends that to `out` (what the
+/// binding offers; the copy is a quarter of the input at most). `flush`
+/// ends the gzip member and resets the stream for the next batch.
+#[cfg(feature = "isal")]
+fn gzip(
+    state: &mut Option<isal::write::Encoder<Vec<u8>>>,
+    chunks: &[Bytes],
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    use std::io::Write;
+    let encoder = state.get_or_insert_with(|| {
+        isal::write::Encoder::new(Vec::new(), isal::CompressionLevel::One, isal::Codec::Gzip)
+    });
+    *encoder.get_ref_mut() = std::mem::take(out);
+    let written = chunks
+        .iter()
+        .try_for_each(|chunk| encoder.write_all(chunk))
+        .and_then(|()| encoder.flush());
+    *out = std::mem::take(encoder.get_ref_mut());
+    if written.is_err() {
+        // The stream stopped half-way: start the next batch on a new one.
+        *state = None;
+    }
+    written
+}
+
+#[cfg(not(feature = "isal"))]
 fn gzip(state: &mut Option<Compress>, chunks: &[Bytes], out: &mut Vec<u8>) -> io::Result<()> {
     let deflate = match state {
         Some(d) => {
@@ -234,6 +276,16 @@ mod tests {
                 assert_eq!(&back[..], &whole[..], "{c:?}, round {round}");
             }
         }
+    }
+
+    /// The build's gzip is the one the `isal` feature selects: ISA-L's
+    /// fixed header ends in OS 255 ("unknown"), zlib's in 3 (Unix).
+    #[test]
+    fn gzip_is_isa_l_with_the_isal_feature_and_zlib_rs_without() {
+        let out = compress(&chunks(), Compression::Gzip, 0).expect("compress");
+        assert_eq!(&out[..3], &[0x1f, 0x8b, 8], "a gzip member, deflate");
+        let os = if cfg!(feature = "isal") { 255 } else { 3 };
+        assert_eq!(out[9], os, "gzip header {:?}", &out[..10]);
     }
 
     #[test]
