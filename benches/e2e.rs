@@ -82,7 +82,8 @@ usage: cargo bench --bench e2e -- [options]
                        each round; its rows are named \"before SCENARIO\"
   --sink lean|upstream sink for the throughput scenarios (default lean)
   load overrides for the throughput scenarios:
-  --signal traces|metrics|logs  --concurrency N  --items N
+  --signal traces|metrics|logs  --concurrency N
+  --items N            items per request (at most 10000)
   --payload realistic|synthetic|BYTES
                        realistic: HTTP-server-like spans, logs and metrics
                        (benches/e2e/realistic.rs); synthetic (today's items)
@@ -92,6 +93,9 @@ usage: cargo bench --bench e2e -- [options]
   --requests N         request count cap
   --duration SECS      duration cap
   --rate REQ_PER_S     rate cap over all clients";
+
+/// Largest `--items` (per request): 10,000 realistic spans are ~5 MB.
+const MAX_ITEMS_PER_REQUEST: usize = 10_000;
 
 const SCENARIOS: &[(&str, &str)] = &[
     (
@@ -254,7 +258,19 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
                 )
             }
             "--concurrency" => o.overrides.concurrency = Some(num(value(&mut it, a)?, a)?),
-            "--items" => o.overrides.items = Some(num(value(&mut it, a)?, a)?),
+            "--items" => {
+                let items: usize = num(value(&mut it, a)?, a)?;
+                // Items per request, not per run: a 2,000,000-item request
+                // is ~1 GB encoded, built in memory before the run.
+                if items > MAX_ITEMS_PER_REQUEST {
+                    return Err(format!(
+                        "--items {items}: that is items per request (at most \
+                         {MAX_ITEMS_PER_REQUEST}; the agent refuses requests over 4 MiB \
+                         by default); --requests and --duration make a run longer"
+                    ));
+                }
+                o.overrides.items = Some(items)
+            }
             "--payload" => match value(&mut it, a)? {
                 "realistic" => o.overrides.realistic = Some(true),
                 "synthetic" => o.overrides.realistic = Some(false),
