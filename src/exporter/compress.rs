@@ -3,7 +3,8 @@
 //! The batch's chunks are fed straight to the compressor (deflate with the
 //! gzip wrapper, or libzstd's streaming API), which writes into one
 //! output buffer that starts with `prefix` zero bytes (the gRPC frame header,
-//! filled in by the caller; 0 for HTTP). No `Write` adapter sits in between:
+//! filled in by the caller; 0 for HTTP). For zstd and zlib-rs's gzip no
+//! `Write` adapter sits in between (ISA-L's binding offers only one):
 //! `flate2::write::GzEncoder` and `zstd::stream::write::Encoder` compress
 //! into a 32 KiB buffer of their own and copy it out, chunk by chunk. The
 //! output is sized from the input once (a third of it, grown if a batch
@@ -93,10 +94,11 @@ fn make_room(out: &mut Vec<u8>) {
     }
 }
 
-/// gzip through ISA-L: its stateful stream fed chunk by chunk; it deflates
-/// into a 64 KiB buffer of its own and appends that to `out` (what the
-/// binding offers; the copy is a quarter of the input at most). `flush`
-/// ends the gzip member and resets the stream for the next batch.
+/// gzip through ISA-L: its stateful stream fed chunk by chunk. The binding
+/// deflates each chunk into a buffer of its own (grown 16 KiB at a time,
+/// kept with the encoder) and appends that to `out`: one copy of the
+/// output, about a quarter of the input. `flush` ends the gzip member and
+/// resets the stream for the next batch.
 #[cfg(feature = "isal")]
 fn gzip(
     state: &mut Option<isal::write::Encoder<Vec<u8>>>,
