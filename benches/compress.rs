@@ -9,7 +9,7 @@
 //! - `write_adapter`: the previous way, a `flate2::write::GzEncoder` /
 //!   `zstd::stream::write::Encoder` (new state per batch) fed each chunk;
 //! - `gzip/zlib_rs_whole_buffer`: the agent's gzip without the `isal`
-//!   feature (zlib-rs level 1, whole-buffer), the baseline for ISA-L:
+//!   feature (`compress_with(.., Deflate::ZlibRs)`), the baseline for ISA-L:
 //!   `cargo bench --features isal --bench compress -- request_body`;
 //! - for `none`, `copy_into_frame` is what the exporter did before it sent the
 //!   chunks as they are (`src/exporter/body.rs`): one copy of the batch.
@@ -30,6 +30,7 @@ use std::io::Write;
 use bytes::{BufMut, Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use telespool::config::Compression;
+use telespool::exporter::Deflate;
 
 const REQUESTS: usize = 80;
 const SPANS: usize = 100;
@@ -110,59 +111,28 @@ fn request_body(c: &mut Criterion) {
             b.iter(|| black_box(write_adapter(black_box(&chunks), compression)))
         });
         if compression == Compression::Gzip {
-            let zlib = zlib_rs_whole_buffer(&chunks);
+            let zlib = telespool::exporter::compress_with(&chunks, compression, 5, Deflate::ZlibRs)
+                .expect("compress");
             eprintln!(
                 "gzip (zlib-rs, level 1): {total} bytes -> {} (ratio {:.2}); the agent's \
-                 gzip above is {}",
+                 gzip above is {:?}",
                 zlib.len(),
                 total as f64 / zlib.len() as f64,
-                if cfg!(feature = "isal") {
-                    "ISA-L (feature isal)"
-                } else {
-                    "zlib-rs"
-                }
+                telespool::exporter::GZIP
             );
             group.bench_function("gzip/zlib_rs_whole_buffer", |b| {
-                b.iter(|| black_box(zlib_rs_whole_buffer(black_box(&chunks))))
+                b.iter(|| {
+                    black_box(telespool::exporter::compress_with(
+                        black_box(&chunks),
+                        compression,
+                        5,
+                        Deflate::ZlibRs,
+                    ))
+                })
             });
         }
     }
     group.finish();
-}
-
-/// The agent's gzip without the `isal` feature: zlib-rs level 1, the chunks
-/// fed to one `Compress` writing into a pre-sized buffer (state created per
-/// call here, which costs the agent's thread-local reuse a few µs).
-fn zlib_rs_whole_buffer(chunks: &[Bytes]) -> Vec<u8> {
-    let total: usize = chunks.iter().map(Bytes::len).sum();
-    let mut out = Vec::with_capacity(total / 3 + (64 << 10));
-    let mut deflate = flate2::Compress::new_gzip(flate2::Compression::fast(), 15);
-    let last = chunks.len().saturating_sub(1);
-    for (i, chunk) in chunks.iter().enumerate() {
-        let flush = if i == last {
-            flate2::FlushCompress::Finish
-        } else {
-            flate2::FlushCompress::None
-        };
-        let mut input: &[u8] = chunk;
-        loop {
-            if out.capacity() - out.len() < (16 << 10) {
-                out.reserve(out.len());
-            }
-            let before = deflate.total_in();
-            let status = deflate.compress_vec(input, &mut out, flush).expect("gzip");
-            let used = (deflate.total_in() - before) as usize;
-            input = &input[used..];
-            if flush == flate2::FlushCompress::Finish {
-                if status == flate2::Status::StreamEnd {
-                    break;
-                }
-            } else if input.is_empty() {
-                break;
-            }
-        }
-    }
-    out
 }
 
 /// zstd at one level over the whole batch, the agent's way (raw encoder,

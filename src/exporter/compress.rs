@@ -37,7 +37,6 @@ use std::cell::RefCell;
 use std::io;
 
 use bytes::Bytes;
-#[cfg(not(feature = "isal"))]
 use flate2::{Compress, FlushCompress, Status};
 use zstd::stream::raw::{CParameter, InBuffer, Operation, OutBuffer};
 
@@ -57,16 +56,41 @@ thread_local! {
 
 #[derive(Default)]
 struct Encoders {
-    #[cfg(not(feature = "isal"))]
-    gzip: Option<Compress>,
+    zlib_rs: Option<Compress>,
     #[cfg(feature = "isal")]
-    gzip: Option<isal::write::Encoder<Vec<u8>>>,
+    isal: Option<isal::write::Encoder<Vec<u8>>>,
     zstd: Option<zstd::stream::raw::Encoder<'static>>,
 }
+
+/// The deflate behind `Compression::Gzip`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deflate {
+    ZlibRs,
+    #[cfg(feature = "isal")]
+    Isal,
+}
+
+/// This build's gzip: ISA-L with the `isal` feature, zlib-rs without.
+#[cfg(feature = "isal")]
+pub const GZIP: Deflate = Deflate::Isal;
+/// This build's gzip: ISA-L with the `isal` feature, zlib-rs without.
+#[cfg(not(feature = "isal"))]
+pub const GZIP: Deflate = Deflate::ZlibRs;
 
 /// `prefix` zero bytes, then the chunks' concatenation, compressed as asked:
 /// the body of one upstream request (public for `benches/compress.rs`).
 pub fn compress(chunks: &[Bytes], compression: Compression, prefix: usize) -> io::Result<Vec<u8>> {
+    compress_with(chunks, compression, prefix, GZIP)
+}
+
+/// [`compress`] with gzip made by `deflate` (public for
+/// `benches/compress.rs`, whose zlib-rs baseline runs in the `isal` build).
+pub fn compress_with(
+    chunks: &[Bytes],
+    compression: Compression,
+    prefix: usize,
+    deflate: Deflate,
+) -> io::Result<Vec<u8>> {
     let total: usize = chunks.iter().map(Bytes::len).sum();
     let capacity = match compression {
         Compression::None => total,
@@ -76,9 +100,14 @@ pub fn compress(chunks: &[Bytes], compression: Compression, prefix: usize) -> io
     out.resize(prefix, 0);
     match compression {
         Compression::None => chunks.iter().for_each(|c| out.extend_from_slice(c)),
-        Compression::Gzip => {
-            ENCODERS.with(|e| gzip(&mut e.borrow_mut().gzip, chunks, &mut out))?;
-        }
+        Compression::Gzip => ENCODERS.with(|e| {
+            let mut e = e.borrow_mut();
+            match deflate {
+                Deflate::ZlibRs => gzip_zlib_rs(&mut e.zlib_rs, chunks, &mut out),
+                #[cfg(feature = "isal")]
+                Deflate::Isal => gzip_isal(&mut e.isal, chunks, &mut out),
+            }
+        })?,
         Compression::Zstd => {
             ENCODERS.with(|e| zstd(&mut e.borrow_mut().zstd, chunks, total, &mut out))?
         }
@@ -100,7 +129,7 @@ fn make_room(out: &mut Vec<u8>) {
 /// output, about a quarter of the input. `flush` ends the gzip member and
 /// resets the stream for the next batch.
 #[cfg(feature = "isal")]
-fn gzip(
+fn gzip_isal(
     state: &mut Option<isal::write::Encoder<Vec<u8>>>,
     chunks: &[Bytes],
     out: &mut Vec<u8>,
@@ -122,8 +151,11 @@ fn gzip(
     written
 }
 
-#[cfg(not(feature = "isal"))]
-fn gzip(state: &mut Option<Compress>, chunks: &[Bytes], out: &mut Vec<u8>) -> io::Result<()> {
+fn gzip_zlib_rs(
+    state: &mut Option<Compress>,
+    chunks: &[Bytes],
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
     let deflate = match state {
         Some(d) => {
             d.reset();

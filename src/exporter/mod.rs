@@ -38,7 +38,7 @@ mod health;
 mod http;
 pub(crate) mod split;
 
-pub use compress::compress;
+pub use compress::{compress, compress_with, Deflate, GZIP};
 // Public for `benches/upstream_write.rs`.
 pub use cork::{CorkedTcp, UncorkAfterPoll};
 pub use health::{Health, HealthState};
