@@ -200,13 +200,7 @@ fn replay_small_rows(c: &mut Criterion) {
 fn durable_cycle(c: &mut Criterion) {
     const VOLUME: usize = 128 << 20;
     const LAG: usize = 4;
-    let requests: Vec<Bytes> = (0..200)
-        .map(|j| {
-            let start = (j * 100) as u64;
-            let ids: Vec<u64> = (start..start + 100).collect();
-            realistic::build(support::Signal::Traces, j, &ids).encode_to_bytes()
-        })
-        .collect();
+    let requests = realistic_requests();
     let per_request = requests.iter().map(Bytes::len).sum::<usize>() / requests.len();
     let groups = VOLUME / (per_request * 7 / 2);
     let rt = runtime();
@@ -267,6 +261,124 @@ fn durable_cycle(c: &mut Criterion) {
     group.finish();
 }
 
+/// What bounds durable mode's CPU (issue 17, item 4), SQLite alone: the
+/// insert/delete cycle of `durable_cycle` on a bare connection, in WAL mode
+/// (the spool's) and in a rollback-journal mode (`PERSIST`, where a payload
+/// is written once, into the database file, but each commit fsyncs twice),
+/// with rows of realistic requests as they are and as raw deflate segments
+/// (zlib-rs level 1, sync-flushed per request: the row format that would let
+/// a gzip upstream take stored rows as they are). The compression is timed
+/// with the rest. CPU of the whole process per GiB of *uncompressed*
+/// requests is printed, so the four variants compare directly.
+fn journal_modes(c: &mut Criterion) {
+    const VOLUME: usize = 64 << 20;
+    let requests = realistic_requests();
+    let per_request = requests.iter().map(Bytes::len).sum::<usize>() / requests.len();
+    let groups = VOLUME / (per_request * 7 / 2);
+    let ticks = procfs::clock_ticks();
+    let mut group = c.benchmark_group("spool_sqlite_journal_64MiB");
+    group.throughput(Throughput::Bytes(VOLUME as u64));
+    group.sample_size(10);
+    for (mode, deflate) in [("WAL", false), ("WAL", true), ("PERSIST", false)] {
+        let name = format!(
+            "{mode}/{}",
+            if deflate { "deflate_rows" } else { "raw_rows" }
+        );
+        group.bench_function(name.as_str(), |b| {
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                let mut cpu = Duration::ZERO;
+                let mut stored = 0usize;
+                for _ in 0..iters {
+                    let dir = TempDir::new().expect("tempdir");
+                    let conn = bare_connection(&dir, mode);
+                    let mut deflater =
+                        flate2::Compress::new(flate2::Compression::fast(), false);
+                    let cpu0 = process_cpu(ticks);
+                    let start = Instant::now();
+                    let mut live = std::collections::VecDeque::new();
+                    for g in 0..groups {
+                        let n = 3 + g % 2;
+                        let mut row = Vec::new();
+                        for k in 0..n {
+                            let request = &requests[(g * 4 + k) % requests.len()];
+                            if deflate {
+                                deflater.reset();
+                                row.reserve(request.len() / 2 + 64);
+                                deflater
+                                    .compress_vec(request, &mut row, flate2::FlushCompress::Sync)
+                                    .expect("deflate");
+                            } else {
+                                row.extend_from_slice(request);
+                            }
+                        }
+                        stored += row.len();
+                        conn.execute(
+                            "INSERT INTO batches(signal, items, bytes, created_ms, attempts, payload)
+                             VALUES('traces', ?1, ?2, ?3, 0, ?4)",
+                            rusqlite::params![100 * n as i64, row.len() as i64, g as i64, row],
+                        )
+                        .expect("insert");
+                        live.push_back(conn.last_insert_rowid());
+                        if live.len() > 4 {
+                            let id = live.pop_front().expect("a live row");
+                            conn.execute("DELETE FROM batches WHERE id = ?1", [id])
+                                .expect("delete");
+                        }
+                        // The checkpoint thread's passive pass, about every 100 ms.
+                        if mode == "WAL" && g % 20 == 19 {
+                            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                                .expect("checkpoint");
+                        }
+                    }
+                    spent += start.elapsed();
+                    cpu += process_cpu(ticks).saturating_sub(cpu0);
+                }
+                let gib = (VOLUME as f64 * iters as f64) / f64::from(1 << 30);
+                eprintln!(
+                    "{mode} {}: {:.2} CPU-s per GiB of requests (wall {:.2} s), stored {:.2}x smaller",
+                    if deflate { "deflate rows" } else { "raw rows" },
+                    cpu.as_secs_f64() / gib,
+                    spent.as_secs_f64() / gib,
+                    (VOLUME * iters as usize) as f64 / stored.max(1) as f64,
+                );
+                spent
+            })
+        });
+    }
+    group.finish();
+}
+
+/// A connection set up as the spool's writer is (`spool/store.rs`), in
+/// journal mode `mode`, with `synchronous = NORMAL`.
+fn bare_connection(dir: &TempDir, mode: &str) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(dir.path().join("bare.db")).expect("open");
+    conn.execute_batch(&format!(
+        "PRAGMA auto_vacuum = INCREMENTAL;
+         PRAGMA journal_mode = {mode};
+         PRAGMA synchronous = NORMAL;
+         PRAGMA wal_autocheckpoint = 32768;
+         PRAGMA journal_size_limit = 33554432;
+         CREATE TABLE batches(id INTEGER PRIMARY KEY AUTOINCREMENT, signal TEXT NOT NULL,
+             items INTEGER NOT NULL, bytes INTEGER NOT NULL, created_ms INTEGER NOT NULL,
+             attempts INTEGER NOT NULL, payload BLOB NOT NULL);"
+    ))
+    .expect("pragmas");
+    conn
+}
+
+/// 200 realistic trace requests of 100 spans each (~51 KB), as the e2e
+/// bench's load generator sends them.
+fn realistic_requests() -> Vec<Bytes> {
+    (0..200)
+        .map(|j| {
+            let start = (j * 100) as u64;
+            let ids: Vec<u64> = (start..start + 100).collect();
+            realistic::build(support::Signal::Traces, j, &ids).encode_to_bytes()
+        })
+        .collect()
+}
+
 /// CPU time of this process, all threads (utime + stime).
 fn process_cpu(ticks: u64) -> Duration {
     procfs::cpu_time(std::process::id(), ticks).unwrap_or_default()
@@ -277,6 +389,7 @@ criterion_group!(
     insert_64mib,
     replay_64mib,
     replay_small_rows,
-    durable_cycle
+    durable_cycle,
+    journal_modes
 );
 criterion_main!(benches);
