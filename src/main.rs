@@ -163,7 +163,7 @@ fn init_logging(config: &Config) {
 /// free top per arena, and mmapping only allocations of 4 MiB or more (which
 /// also fixes the thresholds that glibc otherwise raises as it goes), cut the
 /// page faults by ~85 % and the agent's CPU per span by 4-13 % for +2-3 MiB
-/// of peak RSS (README, "Hot path and compression (issue 17), round 3").
+/// of peak RSS (benches/RESULTS.md, "Hot path and compression (issue 17), round 3").
 /// Memory in use is still bounded by `buffer.max_bytes`; this only decides
 /// how much freed memory waits for reuse instead of going back to the
 /// kernel. Other C libraries (musl) are left as they are.
