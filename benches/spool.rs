@@ -265,11 +265,12 @@ fn durable_cycle(c: &mut Criterion) {
 /// insert/delete cycle of `durable_cycle` on a bare connection, in WAL mode
 /// (the spool's) and in a rollback-journal mode (`PERSIST`, where a payload
 /// is written once, into the database file, but each commit fsyncs twice),
-/// with rows of realistic requests as they are and as raw deflate segments
+/// with rows of realistic requests as they are, as raw deflate segments
 /// (zlib-rs level 1, sync-flushed per request: the row format that would let
-/// a gzip upstream take stored rows as they are). The compression is timed
-/// with the rest. CPU of the whole process per GiB of *uncompressed*
-/// requests is printed, so the four variants compare directly.
+/// a gzip upstream take stored rows as they are) and as one zstd frame per
+/// row (level -1, the exporter's; fewer bytes through SQLite). The
+/// compression is timed with the rest. CPU of the whole process per GiB of
+/// *uncompressed* requests is printed, so the variants compare directly.
 fn journal_modes(c: &mut Criterion) {
     const VOLUME: usize = 64 << 20;
     let requests = realistic_requests();
@@ -279,11 +280,13 @@ fn journal_modes(c: &mut Criterion) {
     let mut group = c.benchmark_group("spool_sqlite_journal_64MiB");
     group.throughput(Throughput::Bytes(VOLUME as u64));
     group.sample_size(10);
-    for (mode, deflate) in [("WAL", false), ("WAL", true), ("PERSIST", false)] {
-        let name = format!(
-            "{mode}/{}",
-            if deflate { "deflate_rows" } else { "raw_rows" }
-        );
+    for (mode, row_format) in [
+        ("WAL", Row::Raw),
+        ("WAL", Row::Deflate),
+        ("WAL", Row::Zstd),
+        ("PERSIST", Row::Raw),
+    ] {
+        let name = format!("{mode}/{}", row_format.name());
         group.bench_function(name.as_str(), |b| {
             b.iter_custom(|iters| {
                 let mut spent = Duration::ZERO;
@@ -294,6 +297,7 @@ fn journal_modes(c: &mut Criterion) {
                     let conn = bare_connection(&dir, mode);
                     let mut deflater =
                         flate2::Compress::new(flate2::Compression::fast(), false);
+                    let mut zstd = zstd::bulk::Compressor::new(-1).expect("zstd");
                     let cpu0 = process_cpu(ticks);
                     let start = Instant::now();
                     let mut live = std::collections::VecDeque::new();
@@ -302,7 +306,7 @@ fn journal_modes(c: &mut Criterion) {
                         let mut row = Vec::new();
                         for k in 0..n {
                             let request = &requests[(g * 4 + k) % requests.len()];
-                            if deflate {
+                            if let Row::Deflate = row_format {
                                 deflater.reset();
                                 row.reserve(request.len() / 2 + 64);
                                 deflater
@@ -311,6 +315,9 @@ fn journal_modes(c: &mut Criterion) {
                             } else {
                                 row.extend_from_slice(request);
                             }
+                        }
+                        if let Row::Zstd = row_format {
+                            row = zstd.compress(&row).expect("zstd");
                         }
                         stored += row.len();
                         conn.execute(
@@ -337,7 +344,7 @@ fn journal_modes(c: &mut Criterion) {
                 let gib = (VOLUME as f64 * iters as f64) / f64::from(1 << 30);
                 eprintln!(
                     "{mode} {}: {:.2} CPU-s per GiB of requests (wall {:.2} s), stored {:.2}x smaller",
-                    if deflate { "deflate rows" } else { "raw rows" },
+                    row_format.name(),
                     cpu.as_secs_f64() / gib,
                     spent.as_secs_f64() / gib,
                     (VOLUME * iters as usize) as f64 / stored.max(1) as f64,
@@ -347,6 +354,27 @@ fn journal_modes(c: &mut Criterion) {
         });
     }
     group.finish();
+}
+
+/// How `journal_modes` stores a row of requests.
+#[derive(Clone, Copy)]
+enum Row {
+    /// The requests as received, one after the other (the spool's).
+    Raw,
+    /// Each request a sync-flushed raw deflate segment.
+    Deflate,
+    /// The joined requests as one zstd frame at level -1.
+    Zstd,
+}
+
+impl Row {
+    fn name(self) -> &'static str {
+        match self {
+            Row::Raw => "raw_rows",
+            Row::Deflate => "deflate_rows",
+            Row::Zstd => "zstd_rows",
+        }
+    }
 }
 
 /// A connection set up as the spool's writer is (`spool/store.rs`), in
