@@ -374,7 +374,11 @@ fn main() -> ExitCode {
         eprintln!("e2e: {e}");
         return ExitCode::from(2);
     }
+    // One worker per core, whatever TOKIO_WORKER_THREADS says: that
+    // variable is for the agents the bench starts (they inherit it).
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .thread_name("e2e")
         .build()
@@ -391,7 +395,13 @@ fn main() -> ExitCode {
 /// Figures of one load run (baseline or through telespool).
 #[derive(Clone, Debug, Default)]
 struct Figures {
+    /// Acknowledged items per second, until the sink held them all.
     items_s: f64,
+    /// Items the sink held when the last call was answered, per second of
+    /// the load: throughput without the agent's last `batch.timeout`.
+    live_items_s: f64,
+    /// From the last answer to the sink holding every acknowledged item.
+    tail: Duration,
     mb_s: f64,
     p50: Duration,
     p99: Duration,
@@ -400,6 +410,8 @@ struct Figures {
     errors: String,
     /// Telespool only.
     cpu_per_m: Option<f64>,
+    /// The generator's and sink's CPU and the machine's, over the run.
+    machine: Option<procfs::CpuUse>,
     peak_rss: Option<u64>,
     summary: Option<String>,
 }
@@ -463,11 +475,11 @@ enum Sink {
 }
 
 impl Sink {
-    async fn start(kind: SinkKind) -> Sink {
-        match kind {
-            SinkKind::Lean => Sink::Lean(LeanSink::start().await),
+    async fn start(kind: SinkKind) -> Result<Sink, String> {
+        Ok(match kind {
+            SinkKind::Lean => Sink::Lean(LeanSink::start_apart().await?),
             SinkKind::Upstream => Sink::Full(Upstream::start().await),
-        }
+        })
     }
     fn addr(&self) -> SocketAddr {
         match self {
@@ -522,6 +534,29 @@ fn rates(report: &LoadReport, started: Instant, delivered_at: Option<Instant>) -
     )
 }
 
+/// What the sink held when the load's last call was answered.
+struct Live {
+    at: Instant,
+    items_s: f64,
+}
+
+impl Live {
+    fn now(sink: &Sink, signal: Signal, started: Instant) -> Live {
+        let at = Instant::now();
+        let secs = at.duration_since(started).as_secs_f64().max(1e-9);
+        Live {
+            at,
+            items_s: sink.items(signal) as f64 / secs,
+        }
+    }
+
+    fn tail(&self, delivered_at: Option<Instant>) -> Duration {
+        delivered_at
+            .unwrap_or_else(Instant::now)
+            .saturating_duration_since(self.at)
+    }
+}
+
 /// Sends the load straight to the sink.
 async fn baseline(sink: &Sink, spec: &LoadSpec, bodies: &Arc<Bodies>) -> Figures {
     // The baseline sends over gRPC (the harness Upstream speaks nothing else).
@@ -537,6 +572,7 @@ async fn baseline_to(
     bodies: &Arc<Bodies>,
 ) -> Figures {
     sink.clear();
+    let meter = procfs::CpuMeter::start();
     let started = Instant::now();
     let direct_spec = LoadSpec {
         http,
@@ -544,9 +580,14 @@ async fn baseline_to(
         ..spec.clone()
     };
     let report = load::run(addr, &direct_spec, bodies.clone()).await;
+    let live = Live::now(sink, spec.signal, started);
     let delivered_at = wait_delivered(sink, spec.signal, report.acked_items).await;
+    let machine = meter.and_then(|m| m.finish(report.acked_items)).ok();
     let (items_s, mb_s) = rates(&report, started, delivered_at);
     Figures {
+        machine,
+        live_items_s: live.items_s,
+        tail: live.tail(delivered_at),
         items_s,
         mb_s,
         p50: report.latency(0.5),
@@ -622,6 +663,7 @@ where
     let pid = agent.pid();
     let ticks = procfs::clock_ticks();
     let cpu0 = procfs::cpu_time(pid, ticks)?;
+    let meter = procfs::CpuMeter::start()?;
     let started = Instant::now();
     let addr = if spec.http {
         agent.http_addr()
@@ -629,8 +671,10 @@ where
         agent.grpc_addr()
     };
     let (report, ()) = tokio::join!(load::run(addr, spec, bodies.clone()), during);
+    let live = Live::now(sink, spec.signal, started);
     let delivered_at = wait_delivered(sink, spec.signal, report.acked_items).await;
     let cpu1 = procfs::cpu_time(pid, ticks)?;
+    let machine = Some(meter.finish(report.acked_items)?);
     let peak_rss = procfs::status_bytes(pid, "VmHWM")?;
     let summary = stop_agent(&mut agent).await;
     // SQLite reuses freed pages and never shrinks the file: its size after the
@@ -643,6 +687,9 @@ where
     let (items_s, mb_s) = rates(&report, started, delivered_at);
     let cpu = (cpu1 - cpu0).as_secs_f64();
     Ok(Figures {
+        machine,
+        live_items_s: live.items_s,
+        tail: live.tail(delivered_at),
         items_s,
         mb_s,
         p50: report.latency(0.5),
@@ -740,6 +787,18 @@ fn print_row(row: &Row, spec: &LoadSpec, bodies: &Bodies) {
     if let Some(summary) = &t.summary {
         let _ = writeln!(s, "              agent: {summary}");
     }
+    if b.live_items_s > 0.0 && t.live_items_s > 0.0 {
+        let _ = writeln!(
+            s,
+            "   while sending: baseline {:.0}, telespool {:.0} items/s delivered (ratio {}); \
+         everything delivered {} / {} ms after the last answer",
+            b.live_items_s,
+            t.live_items_s,
+            ratio(t.live_items_s, b.live_items_s),
+            ms(b.tail),
+            ms(t.tail),
+        );
+    }
     let _ = writeln!(
         s,
         "   ratio    : items/s {}  p50 latency {}  p99 latency {}",
@@ -747,10 +806,37 @@ fn print_row(row: &Row, spec: &LoadSpec, bodies: &Bodies) {
         ratio(t.p50.as_secs_f64(), b.p50.as_secs_f64()),
         ratio(t.p99.as_secs_f64(), b.p99.as_secs_f64()),
     );
+    if let Some(line) = cpu_budget(b, t) {
+        let _ = writeln!(s, "{line}");
+    }
     for note in &row.notes {
         let _ = writeln!(s, "   {note}");
     }
     println!("{s}");
+}
+
+/// Where the machine's cores went in the two runs, and what that leaves the
+/// agent: with the cores busy in both runs, items/s go as the inverse of the
+/// machine's CPU per item, so telespool reaches 95 % of the direct items/s
+/// only if the agent's CPU per item is at most the direct run's machine CPU
+/// per item / 0.95 less what the generator, the sink and the kernel spent
+/// beside the agent in its run.
+fn cpu_budget(b: &Figures, t: &Figures) -> Option<String> {
+    let (base, tele, agent) = (b.machine?, t.machine?, t.cpu_per_m?);
+    let beside = (tele.machine_per_m - agent).max(0.0);
+    let room = (base.machine_per_m / 0.95 - beside).max(0.0);
+    Some(format!(
+        "   cores    : baseline {:.2} busy, machine {:.3} CPU-s per M items (bench process {:.3}); \
+         telespool {:.2} busy, machine {:.3} (bench process {:.3}, agent {agent:.3}, rest {:.3})\n   \
+                    agent CPU that 95 % of the baseline's items/s leaves on these cores: {room:.3} CPU-s per M items",
+        base.busy_cores,
+        base.machine_per_m,
+        base.bench_per_m,
+        tele.busy_cores,
+        tele.machine_per_m,
+        tele.bench_per_m,
+        (beside - tele.bench_per_m).max(0.0),
+    ))
 }
 
 /// The load of a scenario, before overrides; scaled down by `--quick`.
@@ -903,7 +989,7 @@ async fn throughput(
         }
         _ => (String::new(), None),
     };
-    let sink = Sink::start(options.sink).await;
+    let sink = Sink::start(options.sink).await?;
     let base = baseline(&sink, spec, bodies).await;
     let config = agent_config(compression, &extra);
     let tele_spec = LoadSpec {
@@ -926,12 +1012,12 @@ async fn throughput(
 }
 
 /// The same load to both sinks, no telespool: how much the sink itself costs.
-async fn sink_calibration(spec: &LoadSpec, bodies: &Arc<Bodies>) -> Row {
+async fn sink_calibration(spec: &LoadSpec, bodies: &Arc<Bodies>) -> Result<Row, String> {
     let ticks = procfs::clock_ticks();
     let me = std::process::id();
     let mut figures = Vec::new();
     for kind in [SinkKind::Lean, SinkKind::Upstream] {
-        let sink = Sink::start(kind).await;
+        let sink = Sink::start(kind).await?;
         let cpu0 = procfs::cpu_time(me, ticks).unwrap_or_default();
         let mut f = baseline(&sink, spec, bodies).await;
         let cpu = (procfs::cpu_time(me, ticks).unwrap_or_default() - cpu0).as_secs_f64();
@@ -944,7 +1030,7 @@ async fn sink_calibration(spec: &LoadSpec, bodies: &Arc<Bodies>) -> Row {
         lean.cpu_per_m.unwrap_or(0.0),
         full.cpu_per_m.unwrap_or(0.0)
     );
-    Row {
+    Ok(Row {
         scenario: "sink".into(),
         base: lean,
         tele: full,
@@ -954,7 +1040,7 @@ async fn sink_calibration(spec: &LoadSpec, bodies: &Arc<Bodies>) -> Row {
         ],
         rss_bound: None,
         compression: None,
-    }
+    })
 }
 
 /// Stops the sink at `down`, restarts it at `up` (both from now).
@@ -1149,7 +1235,7 @@ async fn compression(
     bodies: &Arc<Bodies>,
 ) -> Result<Vec<Row>, String> {
     let http = name == "compression-http";
-    let lean = LeanSink::start().await;
+    let lean = LeanSink::start_apart().await?;
     let http_addr = lean.http_addr();
     let http_endpoint = format!("http://{http_addr}");
     let sink = Sink::Lean(lean);
@@ -1250,7 +1336,7 @@ async fn run_scenario(options: &Options, name: &str) -> Result<Vec<Row>, String>
             eprintln!("[e2e] {name}: run {run} of {}", options.runs);
         }
         let run_rows = match name {
-            "sink" => vec![sink_calibration(&spec, &bodies).await],
+            "sink" => vec![sink_calibration(&spec, &bodies).await?],
             "outage" => vec![outage(options, &spec, &bodies).await?],
             "soak" => vec![soak(options, &spec, &bodies).await?],
             "replay-live" => {
@@ -1322,8 +1408,9 @@ fn summary_line(rows: &[Row]) -> String {
     } else {
         format!("{:.2}", m(&|r| r.tele.cpu_per_m.unwrap_or(f64::NAN)))
     };
+    let live = ratio(m(&|r| r.tele.live_items_s), m(&|r| r.base.live_items_s));
     format!(
-        "| {} | {:.0} | {:.0} | {} | {:.0} | {} | {} | {} / {} | {} / {} | {} |",
+        "| {} | {:.0} | {:.0} | {} | {live} | {:.0} | {} | {} | {} / {} | {} / {} | {} |",
         rows[0].scenario,
         base_items,
         tele_items,
@@ -1371,8 +1458,8 @@ async fn run_all(options: &Options) -> Result<(), String> {
             .map_or(String::new(), |b| format!(", before: {}", b.display()))
     );
     let mut table = vec![
-        "| scenario | baseline items/s | telespool items/s | ratio | telespool MB/s | CPU s / M items | peak RSS MiB | p50 ms base / tele | p99 ms base / tele | acked = delivered |".to_owned(),
-        "|---|---|---|---|---|---|---|---|---|---|".to_owned(),
+        "| scenario | baseline items/s | telespool items/s | ratio | ratio while sending | telespool MB/s | CPU s / M items | peak RSS MiB | p50 ms base / tele | p99 ms base / tele | acked = delivered |".to_owned(),
+        "|---|---|---|---|---|---|---|---|---|---|---|".to_owned(),
     ];
     let mut failures = Vec::new();
     let mut compression_groups = Vec::new();

@@ -191,43 +191,6 @@ fn acked_bytes(report: &LoadReport) -> u64 {
     report.acked_bytes
 }
 
-/// The upstream of a deployment is another process (another host), whose
-/// work the OS schedules apart from the clients'. In this process the sink
-/// would share the load generator's tokio workers: a live call's answer
-/// would wait behind the sink decoding a 4 MiB replay request in the same
-/// worker, a delay no deployment has. So the sink gets its own runtime (two
-/// worker threads) unless `E2E_REPLAY_SINK=shared` asks for the old
-/// arrangement (for comparison with earlier figures).
-async fn start_sink() -> Result<(LeanSink, Option<SinkRuntime>), String> {
-    if std::env::var("E2E_REPLAY_SINK").as_deref() == Ok("shared") {
-        eprintln!("[replay-live] sink on the load generator's runtime (E2E_REPLAY_SINK=shared)");
-        return Ok((LeanSink::start().await, None));
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("e2e-sink")
-        .enable_all()
-        .build()
-        .map_err(|e| format!("sink runtime: {e}"))?;
-    // The sink's tasks are spawned on the runtime it starts in.
-    let sink = runtime
-        .spawn(LeanSink::start())
-        .await
-        .map_err(|e| format!("the sink's start failed: {e}"))?;
-    Ok((sink, Some(SinkRuntime(Some(runtime)))))
-}
-
-/// The sink's runtime, shut down (without blocking) when dropped.
-struct SinkRuntime(Option<tokio::runtime::Runtime>);
-
-impl Drop for SinkRuntime {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
 /// Copies a closed spool (its database and any WAL or shared-memory file).
 fn copy_spool(from: &Path, to: &Path) -> Result<(), String> {
     for suffix in ["", "-wal", "-shm"] {
@@ -315,7 +278,7 @@ pub async fn run(bin: &Path, quick: bool) -> Result<ReplayFigures, String> {
     let copy = dir.path().join("copy.db");
     copy_spool(&spool, &copy)?;
 
-    let (sink, _sink_runtime) = start_sink().await?;
+    let sink = LeanSink::start_apart().await?;
     let endpoint = format!("http://{}", sink.addr());
 
     // 2. The live load alone, on an empty spool.

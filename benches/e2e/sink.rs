@@ -418,9 +418,55 @@ pub struct LeanSink {
     stop: CancellationToken,
     /// The server task; it ends once `stop` is cancelled (on drop).
     _task: JoinHandle<()>,
+    /// The runtime of [`LeanSink::start_apart`], if any: dropped last, after
+    /// `stop` is cancelled.
+    _runtime: Option<SinkRuntime>,
+}
+
+/// The sink's own runtime, shut down (without blocking) when dropped.
+struct SinkRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for SinkRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl LeanSink {
+    /// The sink on a runtime of its own (two worker threads).
+    ///
+    /// A deployment's upstream is another process, on another host, whose
+    /// work the OS schedules apart from the clients'. In this process the
+    /// sink would share the load generator's tokio workers: every client's
+    /// answer would wait behind the sink walking a 4 MiB request from the
+    /// agent in the same worker (all eight clients stalled ~3 ms about once
+    /// per batch), a delay no deployment has and the direct baseline, whose
+    /// requests are 51 KB, does not see. `E2E_SINK_RUNTIME=shared` (or, as
+    /// before, `E2E_REPLAY_SINK=shared`) keeps the old arrangement, for
+    /// comparison with earlier figures.
+    pub async fn start_apart() -> Result<LeanSink, String> {
+        let shared = |var| std::env::var(var).as_deref() == Ok("shared");
+        if shared("E2E_SINK_RUNTIME") || shared("E2E_REPLAY_SINK") {
+            eprintln!("[e2e] sink on the load generator's runtime (E2E_SINK_RUNTIME=shared)");
+            return Ok(LeanSink::start().await);
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("e2e-sink")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("sink runtime: {e}"))?;
+        // The sink's tasks are spawned on the runtime it starts in.
+        let mut sink = runtime
+            .spawn(LeanSink::start())
+            .await
+            .map_err(|e| format!("the sink's start failed: {e}"))?;
+        sink._runtime = Some(SinkRuntime(Some(runtime)));
+        Ok(sink)
+    }
+
     /// Serves the three OTLP services on a fresh `127.0.0.1` port.
     pub async fn start() -> LeanSink {
         let listener = TcpListener::bind("127.0.0.1:0")
@@ -454,6 +500,7 @@ impl LeanSink {
             recorded,
             stop,
             _task: task,
+            _runtime: None,
         }
     }
 
