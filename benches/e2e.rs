@@ -156,6 +156,10 @@ const SCENARIOS: &[(&str, &str)] = &[
         "32 clients of 1000-span requests into a stalled sink; buffer.max_bytes = 64MiB",
     ),
     (
+        "saturated",
+        "realistic typical load into an upstream that answers each export after 100 ms, so the buffer (64MiB) stays full: peak RSS against buffer.max_bytes + 32 MiB",
+    ),
+    (
         "compression-grpc",
         "realistic typical load, upstream.compression none / gzip / zstd (--compression) over a gRPC upstream: CPU per million spans as ratios against none, and the compression ratio",
     ),
@@ -889,6 +893,13 @@ fn scenario_spec(name: &str, quick: bool) -> LoadSpec {
             duration: Duration::from_secs(if quick { 5 } else { 8 }),
             ..spec(Signal::Traces, 1000, 200)
         },
+        "saturated" => LoadSpec {
+            realistic: true,
+            // ~1.5 GiB of requests offered, against a 64 MiB buffer.
+            requests: if quick { 6_000 } else { 30_000 },
+            duration: Duration::from_secs(if quick { 5 } else { 15 }),
+            ..spec(Signal::Traces, 100, 200)
+        },
         "typical-http" => LoadSpec {
             http: true,
             ..spec(Signal::Traces, 100, 200)
@@ -1224,6 +1235,45 @@ async fn overload(options: &Options, spec: &LoadSpec, bodies: &Arc<Bodies>) -> R
     })
 }
 
+/// How long the `saturated` scenario's upstream takes to answer an export.
+const SLOW_UPSTREAM: Duration = Duration::from_millis(100);
+
+/// The load into an upstream slower than the clients (4 exports of at most
+/// 4 MiB in flight, each answered after [`SLOW_UPSTREAM`]: ~160 MiB/s), so
+/// the agent's buffer stays full for the whole run while batches come and
+/// go: the agent's peak RSS against `buffer.max_bytes` + 32 MiB. Clients
+/// that find no room are refused (UNAVAILABLE) and move on; what was
+/// acknowledged must all arrive.
+async fn saturated(
+    options: &Options,
+    spec: &LoadSpec,
+    bodies: &Arc<Bodies>,
+) -> Result<Row, String> {
+    let sink = Sink::Full(Upstream::start_with(Mode::Delay(SLOW_UPSTREAM)).await);
+    let base = baseline(&sink, spec, bodies).await;
+    let config = agent_config(
+        "gzip",
+        &format!("[buffer]\nmax_bytes = {OVERLOAD_BUFFER}\n"),
+    );
+    let tele = through_telespool(options, &sink, &config, spec, bodies, async {}).await?;
+    let bound = OVERLOAD_BUFFER + RSS_ALLOWANCE;
+    let peak = tele.peak_rss.unwrap_or(u64::MAX);
+    Ok(Row {
+        scenario: "saturated".into(),
+        base,
+        tele,
+        notes: vec![format!(
+            "upstream answers each export after {SLOW_UPSTREAM:?}; peak RSS {:.1} MiB vs bound \
+             buffer.max_bytes + 32 MiB = {} MiB: {}",
+            peak as f64 / MIB,
+            bound >> 20,
+            if peak <= bound { "within" } else { "EXCEEDED" }
+        )],
+        rss_bound: Some((bound, peak <= bound)),
+        compression: None,
+    })
+}
+
 /// The same realistic load through telespool once per upstream compression
 /// (`--compression`, default none, gzip, zstd), over a gRPC or an OTLP/HTTP
 /// upstream, against one baseline; each row notes its CPU per million items
@@ -1348,6 +1398,7 @@ async fn run_scenario(options: &Options, name: &str) -> Result<Vec<Row>, String>
                 Vec::new()
             }
             "overload" => vec![overload(options, &spec, &bodies).await?],
+            "saturated" => vec![saturated(options, &spec, &bodies).await?],
             "compression-grpc" | "compression-http" => {
                 compression(options, name, &spec, &bodies).await?
             }
@@ -1364,6 +1415,7 @@ async fn run_scenario(options: &Options, name: &str) -> Result<Vec<Row>, String>
                     "compression-grpc" | "compression-http" => {
                         compression(&before, name, &spec, &bodies).await?
                     }
+                    "saturated" => vec![saturated(&before, &spec, &bodies).await?],
                     _ => vec![throughput(&before, name, &spec, &bodies).await?],
                 };
                 for row in &mut rows {

@@ -166,20 +166,32 @@ fn init_logging(config: &Config) {
 /// of peak RSS (benches/RESULTS.md, "Hot path and compression (issue 17), round 3").
 /// Memory in use is still bounded by `buffer.max_bytes`; this only decides
 /// how much freed memory waits for reuse instead of going back to the
-/// kernel. Other C libraries (musl) are left as they are.
+/// kernel.
+///
+/// One arena for every thread (`M_ARENA_MAX`): a body is allocated by the
+/// worker that read it and freed by whichever worker saw its batch
+/// acknowledged, and glibc returns a freed chunk to the arena that made it.
+/// With an arena per worker each one kept holes the other worker's frees had
+/// left, and under a buffer held full by a slower upstream the agent's RSS
+/// grew to 123 MiB with a 64 MiB buffer (93 MiB with one arena, same CPU per
+/// span; benches/RESULTS.md, "Memory under a saturated buffer"). The arena
+/// lock is uncontended at the agent's few allocations per request. Other C
+/// libraries (musl) are left as they are.
 fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         const TRIM_THRESHOLD: libc::c_int = 64 << 20;
         const MMAP_THRESHOLD: libc::c_int = 4 << 20;
+        const ARENA_MAX: libc::c_int = 1;
         // SAFETY: mallopt only sets allocator parameters; it is called
-        // before the runtime starts any thread.
+        // before the runtime starts any thread (M_ARENA_MAX must be).
         let set = unsafe {
             libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
                 && libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+                && libc::mallopt(libc::M_ARENA_MAX, ARENA_MAX) == 1
         };
         if !set {
-            tracing::warn!("mallopt refused the trim/mmap thresholds; keeping glibc's defaults");
+            tracing::warn!("mallopt refused the trim/mmap thresholds or the arena count; keeping glibc's defaults");
         }
     }
 }
