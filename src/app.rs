@@ -171,6 +171,10 @@ pub async fn run(
     }
     let now_s = crate::batch::unix_ms(std::time::SystemTime::now()) / 1000;
     metrics.started(config.buffer.max_bytes.0, config.spool.max_bytes.0, now_s);
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    metrics
+        .runtime_workers
+        .set(i64::try_from(workers).unwrap_or(i64::MAX));
     let upstream = match (&config.upstream.endpoint, files.upstream) {
         (Some(endpoint), Some(setup)) => Some(Upstream::new(&config.upstream, endpoint, setup)),
         // `files` was loaded from another config: read the upstream's files now.

@@ -12,8 +12,8 @@
 //! `validate` (`receiver`, `unix_socket`, `buffer` for `[buffer]` and `[batch]`,
 //! `upstream`, `spool` for `[spool]`, `[shutdown]` and `durability`,
 //! `resource`), sizes and durations in `units`; [`Config::validate`] calls the
-//! tables' checks in a fixed order. The small `[admin]` and `[log]`, which
-//! have nothing to check, stay here. Every type is re-exported from here.
+//! tables' checks in a fixed order. The small `[admin]`, `[log]` and
+//! `[runtime]`, which have little to check, stay here. Every type is re-exported from here.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -52,6 +52,7 @@ pub struct Config {
     pub durability: Durability,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    pub runtime: RuntimeConfig,
     /// `[resource]`: attributes stamped on every resource. None: no stamping.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resource: Option<ResourceConfig>,
@@ -87,6 +88,33 @@ impl Default for LogConfig {
             level: "info".to_owned(),
             format: LogFormat::Text,
         }
+    }
+}
+
+/// `[runtime]`: the threads that run the receivers, the batching and the
+/// exporters (the spool has threads of its own).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Async worker threads; 0: tokio's default, one per CPU the process may
+    /// use (an affinity mask or a cgroup CPU quota counts;
+    /// `TOKIO_WORKER_THREADS` overrides it).
+    pub worker_threads: usize,
+}
+
+impl RuntimeConfig {
+    /// More workers than this is a typo, not a machine.
+    const MAX_WORKER_THREADS: usize = 1024;
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.worker_threads > Self::MAX_WORKER_THREADS {
+            return Err(ConfigError::Invalid(format!(
+                "runtime.worker_threads = {} is more than {}; 0 means one per CPU",
+                self.worker_threads,
+                Self::MAX_WORKER_THREADS
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -157,6 +185,7 @@ impl Config {
         if let Some(resource) = &self.resource {
             resource.validate()?;
         }
+        self.runtime.validate()?;
         Ok(())
     }
 

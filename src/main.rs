@@ -253,11 +253,13 @@ fn run(config: Config, drain: Option<std::time::Duration>) -> ExitCode {
         "spool open"
     );
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("telespool")
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // 0: tokio's default, one per CPU the process may use (TOKIO_WORKER_THREADS
+    // overrides it).
+    if config.runtime.worker_threads > 0 {
+        builder.worker_threads(config.runtime.worker_threads);
+    }
+    let runtime = match builder.enable_all().thread_name("telespool").build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the async runtime");

@@ -180,6 +180,9 @@ pub struct Metrics {
     pub spool_max_bytes: Gauge,
     /// Unix time the agent started (alerts on a restart with a backlog).
     pub start_time_seconds: Gauge,
+    /// The async runtime's worker threads (`runtime.worker_threads`, or one
+    /// per CPU the process may use).
+    pub runtime_workers: Gauge,
 }
 
 fn sig(signal: Signal) -> SignalLabel {
@@ -223,6 +226,7 @@ impl Metrics {
             buffer_max_bytes: Gauge::default(),
             spool_max_bytes: Gauge::default(),
             start_time_seconds: Gauge::default(),
+            runtime_workers: Gauge::default(),
         }
     }
 
@@ -415,6 +419,11 @@ impl Metrics {
             "start_time_seconds",
             "Unix time the agent started",
             m.start_time_seconds.clone(),
+        );
+        r.register(
+            "runtime_workers",
+            "Async worker threads the agent runs on (runtime.worker_threads; 0 there means one per CPU)",
+            m.runtime_workers.clone(),
         );
         r.register(
             "tls_handshake_failures",
