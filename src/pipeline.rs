@@ -234,6 +234,11 @@ impl Pipeline {
                 .offer(body, items, reservation, Instant::now(), &mut sealed);
             was_empty && lane.batcher.deadline().is_some()
         };
+        // Once per batch (one opened, or one sealed by size): the spool's
+        // vacuum waits while clients are being served.
+        if opened || !sealed.is_empty() {
+            self.spool().live_load_seen();
+        }
         for batch in sealed {
             self.queue.push(batch);
         }

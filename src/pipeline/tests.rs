@@ -82,3 +82,27 @@ async fn a_batch_at_batch_max_items_is_sealed_without_waiting_for_the_timer() {
     );
     p.spool().clone().close().await.expect("close spool");
 }
+
+#[tokio::test(start_paused = true)]
+async fn steady_live_load_keeps_the_spool_from_vacuuming_while_batches_seal_by_size() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Two-item requests into five-item batches: each third request finds no
+    // room, seals the open batch and starts the next one. Never sealed by
+    // the timer or by filling up exactly, so the lane is never empty and
+    // only the first request opens a batch into an empty lane.
+    let p = pipeline(&dir, Duration::from_secs(3600), 5);
+    assert!(!p.spool().live_load_present(), "no load yet");
+    for _ in 0..50 {
+        p.ingest(Signal::Traces, Bytes::from_static(b"\x0a\x00"), 2)
+            .await
+            .expect("ingest");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            p.spool().live_load_present(),
+            "live load is seen for as long as requests keep coming"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!p.spool().live_load_present(), "and not once they stop");
+    p.spool().clone().close().await.expect("close spool");
+}

@@ -120,6 +120,8 @@ mod salvage;
 mod store;
 mod worker;
 
+use maintain::LiveLoad;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
@@ -258,6 +260,8 @@ struct Inner {
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Set by the worker while unclaimed rows may wait (`claims.rs`).
     unclaimed: Arc<Unclaimed>,
+    /// Noted by the pipeline, read by the worker's vacuum (`maintain.rs`).
+    live: Arc<LiveLoad>,
 }
 
 impl Spool {
@@ -270,6 +274,8 @@ impl Spool {
         let worker_stats = Arc::clone(&stats);
         let unclaimed = Arc::new(Unclaimed::new());
         let worker_unclaimed = Arc::clone(&unclaimed);
+        let live = Arc::new(LiveLoad::default());
+        let worker_live = Arc::clone(&live);
         let path = path.to_owned();
         let thread = thread::Builder::new()
             .name("telespool-spool".into())
@@ -283,7 +289,7 @@ impl Spool {
                 };
                 worker::publish(&worker_stats, store.stats());
                 if opened_tx.send(Ok(report)).is_ok() {
-                    worker::run(store, rx, &worker_stats, &worker_unclaimed);
+                    worker::run(store, rx, &worker_stats, &worker_unclaimed, &worker_live);
                 }
             })
             .map_err(SpoolError::Thread)?;
@@ -294,6 +300,7 @@ impl Spool {
                     stats,
                     thread: Mutex::new(Some(thread)),
                     unclaimed,
+                    live,
                 };
                 let spool = Spool {
                     inner: Arc::new(inner),
@@ -376,6 +383,18 @@ impl Spool {
     /// when they appear.
     pub fn unclaimed(&self) -> &Unclaimed {
         &self.inner.unclaimed
+    }
+
+    /// The pipeline is serving live load now: giving free pages back to the
+    /// disk waits until it has been quiet for a moment (at most a minute).
+    pub fn live_load_seen(&self) {
+        self.inner.live.seen(tokio::time::Instant::now());
+    }
+
+    /// Whether the worker's vacuum sees live load now.
+    #[cfg(test)]
+    pub(crate) fn live_load_present(&self) -> bool {
+        self.inner.live.present(tokio::time::Instant::now())
     }
 
     /// Up to `limit` rows with `id > after_id`, oldest first (pass 0 to start).

@@ -132,6 +132,8 @@ pub(super) struct Store {
     /// When exported rows were last deleted: while that is recent, replay is
     /// draining the spool (`maintain.rs` then leaves vacuum for when it is empty).
     pub(super) last_delete: Option<tokio::time::Instant>,
+    /// Since when live load has been present without a break (`maintain.rs`).
+    pub(super) live_since: Option<tokio::time::Instant>,
     _lock: SpoolLock,
 }
 
@@ -172,6 +174,7 @@ impl Store {
             auto_vacuum: 0,
             maintained: tokio::time::Instant::now(),
             last_delete: None,
+            live_since: None,
             _lock: lock,
         };
         store.configure(opts).map_err(sql_err(path))?;

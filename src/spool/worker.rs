@@ -7,7 +7,7 @@ use std::sync::{mpsc, Mutex, PoisonError};
 use tokio::sync::oneshot;
 
 use super::claims::{Claims, Unclaimed};
-use super::maintain;
+use super::maintain::{self, LiveLoad};
 use super::store::Store;
 use super::{InsertOutcome, NewBatch, SpoolError, SpoolStats, SpooledBatch};
 use crate::signal::Signal;
@@ -144,6 +144,7 @@ pub(super) fn run(
     commands: mpsc::Receiver<Command>,
     stats: &Mutex<SpoolStats>,
     unclaimed: &Unclaimed,
+    live: &LiveLoad,
 ) {
     let mut w = Worker {
         store,
@@ -153,7 +154,8 @@ pub(super) fn run(
     let mut next = None;
     loop {
         w.store.finish_checkpoint();
-        w.store.maintain(tokio::time::Instant::now());
+        let now = tokio::time::Instant::now();
+        w.store.maintain(now, live.present(now));
         publish(stats, w.store.stats());
         let command = match next.take() {
             Some(command) => command,
