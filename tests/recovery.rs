@@ -127,3 +127,86 @@ async fn a_long_outage_spills_in_one_episode_and_the_spool_file_shrinks_after_th
         file_len(&spool)
     );
 }
+
+/// The spool's free pages after a drain wait while live clients are served
+/// (`spool/maintain.rs`, `LiveLoad`): the agent says so, with what the file
+/// holds, and gives them back once the clients stop. Nothing acknowledged is
+/// lost on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drained_spool_keeps_its_pages_while_live_clients_are_served_and_gives_them_back_after() {
+    let upstream = Upstream::start().await;
+    let agent = start_agent(
+        &upstream,
+        "[log]\nlevel = \"info,telespool::spool::maintain=debug\"\n\
+         [buffer]\nmax_bytes = \"2MiB\"\nmax_wait = \"50ms\"\n[receiver]\nmax_request_bytes = \"256KiB\"\n\
+         [batch]\nmax_bytes = \"256KiB\"\ntimeout = \"10ms\"\n\
+         [upstream.retry]\ninitial_backoff = \"100ms\"\nmax_backoff = \"500ms\"\nprobe_interval = \"200ms\"\n",
+    )
+    .await;
+    let sender = Sender::builder(agent.grpc_addr(), Signal::Logs)
+        .batch(100)
+        .workers(4)
+        .spec(ItemSpec::with_payload(400))
+        .max_duration(DEADLINE)
+        .start();
+    ok(sender.wait_acknowledged(1000, DEADLINE).await);
+    upstream.set_mode(Mode::Fail(Code::Unavailable));
+    let spool = agent.spool_path().to_owned();
+    let started = Instant::now();
+    while file_len(&spool) < 16 << 20 {
+        assert!(started.elapsed() < DEADLINE, "the spool never grew");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    upstream.set_mode(Mode::Healthy);
+
+    // The clients go on sending while the backlog drains.
+    ok(eventually("the spool drained", DEADLINE, || async {
+        let rows = ok(agent.metric("telespool_spool_rows").await).unwrap_or(1.0);
+        (rows == 0.0).then_some(())
+    })
+    .await);
+    let waiting = ok(agent
+        .wait_for_log(
+            "free pages go back to the disk once live load pauses",
+            DEADLINE,
+        )
+        .await);
+    let free: u64 = agent::log_field(&waiting, "free_bytes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("free_bytes in {waiting}"));
+    assert!(
+        free >= 8 << 20,
+        "the drained spool held {free} free bytes: {waiting}"
+    );
+    // More live load after that line, then the clients stop.
+    let so_far = sender.acknowledged_count();
+    ok(sender.wait_acknowledged(so_far + 2000, DEADLINE).await);
+    let report = sender.stop().await;
+
+    let giving = ok(agent
+        .wait_for_log("giving the spool's free pages back to the disk", DEADLINE)
+        .await);
+    assert!(
+        agent::log_field(&giving, "waited_ms").is_some_and(|ms| ms.parse::<u64>().is_ok()),
+        "the line says how long it waited: {giving}"
+    );
+    ok(agent
+        .wait_for_log("spool file gave its free pages back to the disk", DEADLINE)
+        .await);
+    ok(eventually("the spool file shrank", DEADLINE, || async {
+        (file_len(&spool) <= 4 << 20).then_some(())
+    })
+    .await);
+    let lines = agent.stderr_lines();
+    let at = |needle: &str| lines.iter().position(|l| l.contains(needle));
+    assert!(
+        at("once live load pauses") < at("giving the spool's free pages back"),
+        "it waited before it gave pages back:\n{}",
+        agent.stderr()
+    );
+
+    ok(upstream
+        .wait_for_ids(Signal::Logs, &report.acknowledged, DEADLINE)
+        .await);
+    upstream.assert_received_all(Signal::Logs, &report.acknowledged);
+}

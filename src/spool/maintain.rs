@@ -87,6 +87,33 @@ impl LiveLoad {
     }
 }
 
+/// Where giving a spool file's free pages back stands: each transition is
+/// logged once, so an operator sees why an empty spool keeps its size for a
+/// while (live load) and when it shrinks.
+#[derive(Debug, Default)]
+pub(super) struct VacuumEpisode {
+    /// Since when an empty spool's vacuum has been waiting for live load.
+    pub(super) waiting_since: Option<Instant>,
+    /// Steps have started, with this many bytes free, and the file is not
+    /// yet down to size.
+    pub(super) started_with: Option<u64>,
+}
+
+/// Free space from which giving it back is logged at info (debug below):
+/// a durable-mode spool under bursty load frees a few MiB after each burst.
+const VACUUM_LOG_BYTES: u64 = 64 << 20;
+
+/// A [`VacuumEpisode`] line: info when `$bytes` reach [`VACUUM_LOG_BYTES`].
+macro_rules! vacuum_event {
+    ($bytes:expr, $($line:tt)+) => {
+        if $bytes >= VACUUM_LOG_BYTES {
+            tracing::info!($($line)+)
+        } else {
+            tracing::debug!($($line)+)
+        }
+    };
+}
+
 impl Store {
     /// Remembers `ids` as delete-pending and takes them out of the counts.
     pub(super) fn mark_pending(&mut self, ids: &[i64]) {
@@ -249,11 +276,10 @@ impl Store {
         };
         let empty = self.stats.rows == 0 && self.pending.is_empty();
         // On a full disk, space back comes first.
-        if ((draining && !empty) || live) && !self.headroom.disk_full() {
-            return;
-        }
+        let wait = ((draining && !empty) || live) && !self.headroom.disk_full();
         if self.auto_vacuum != 2 {
-            if self.auto_vacuum == 0 && empty && pages * self.page_size > VACUUM_MIN_BYTES {
+            if !wait && self.auto_vacuum == 0 && empty && pages * self.page_size > VACUUM_MIN_BYTES
+            {
                 self.convert_to_incremental();
             }
             return;
@@ -261,8 +287,48 @@ impl Store {
         let worth = free * self.page_size > VACUUM_MIN_BYTES && free * 2 >= pages;
         // On a full disk an empty spool gives back whatever it holds.
         let full_and_empty = empty && self.headroom.disk_full() && free > 0;
+        let free_bytes = free * self.page_size;
+        let file_bytes = pages * self.page_size;
         if !worth && !full_and_empty {
+            if let Some(freed) = self.vacuum.started_with {
+                vacuum_event!(
+                    freed,
+                    path = %self.path.display(),
+                    file_bytes,
+                    "spool file gave its free pages back to the disk"
+                );
+            }
+            self.vacuum = VacuumEpisode::default();
             return;
+        }
+        if wait {
+            if live && empty && self.vacuum.waiting_since.is_none() {
+                vacuum_event!(
+                    free_bytes,
+                    path = %self.path.display(),
+                    free_bytes,
+                    file_bytes,
+                    max_wait_s = LIVE_DEFER_MAX.as_secs(),
+                    "spool is empty; its free pages go back to the disk once live load pauses"
+                );
+                self.vacuum.waiting_since = Some(Instant::now());
+            }
+            return;
+        }
+        if self.vacuum.started_with.is_none() {
+            let waited_ms = self
+                .vacuum
+                .waiting_since
+                .map_or(0, |t| t.elapsed().as_millis());
+            vacuum_event!(
+                free_bytes,
+                path = %self.path.display(),
+                free_bytes,
+                file_bytes,
+                waited_ms,
+                "giving the spool's free pages back to the disk"
+            );
+            self.vacuum.started_with = Some(free_bytes);
         }
         let step = if empty {
             VACUUM_STEP_EMPTY

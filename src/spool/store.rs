@@ -17,6 +17,7 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, MAIN
 
 use super::checkpoint::Checkpointer;
 use super::disk::{FullReason, Headroom};
+use super::maintain::VacuumEpisode;
 use super::open::{
     ensure_dir, ensure_files_private, file_err, inspect, is_damage, lock, quarantine, SpoolLock,
 };
@@ -134,6 +135,8 @@ pub(super) struct Store {
     pub(super) last_delete: Option<tokio::time::Instant>,
     /// Since when live load has been present without a break (`maintain.rs`).
     pub(super) live_since: Option<tokio::time::Instant>,
+    /// Where giving free pages back stands, for its log lines (`maintain.rs`).
+    pub(super) vacuum: VacuumEpisode,
     _lock: SpoolLock,
 }
 
@@ -175,6 +178,7 @@ impl Store {
             maintained: tokio::time::Instant::now(),
             last_delete: None,
             live_since: None,
+            vacuum: VacuumEpisode::default(),
             _lock: lock,
         };
         store.configure(opts).map_err(sql_err(path))?;
