@@ -407,6 +407,57 @@ fn realistic_requests() -> Vec<Bytes> {
         .collect()
 }
 
+/// Deleting one row at a time from the oldest end of a 4,000-row backlog
+/// (what replay does; each delete recomputes the oldest row's age) against
+/// the newest end (no recompute): the baseline of the same run. Before the
+/// `created_ms` index the oldest end cost a scan of every row per delete.
+fn delete_from_a_backlog(c: &mut Criterion) {
+    const ROWS: usize = 4_000;
+    const DELETES: usize = 200;
+    let rt = runtime();
+    let mut group = c.benchmark_group("spool_delete_one_row_of_4000");
+    group.throughput(Throughput::Elements(DELETES as u64));
+    group.sample_size(10);
+    let rows = || -> Vec<NewBatch> {
+        (0..ROWS)
+            .map(|i| NewBatch {
+                signal: Signal::Traces,
+                items: 100,
+                created_ms: i as i64,
+                attempts: 0,
+                payload: vec![Bytes::from(vec![i as u8; 32 << 10])],
+            })
+            .collect()
+    };
+    for end in ["oldest", "newest"] {
+        group.bench_function(end, |b| {
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    let dir = TempDir::new().expect("tempdir");
+                    let spool = open(&dir, Synchronous::Normal);
+                    let mut ids = rt.block_on(spool.insert(rows())).expect("fill").ids;
+                    if end == "newest" {
+                        ids.reverse();
+                    }
+                    let start = Instant::now();
+                    rt.block_on(async {
+                        for &id in &ids[..DELETES] {
+                            spool.delete(vec![id]).await.expect("delete");
+                        }
+                    });
+                    spent += start.elapsed();
+                    let stats = rt.block_on(spool.stats()).expect("stats");
+                    assert_eq!(stats.rows as usize, ROWS - DELETES);
+                    rt.block_on(spool.close()).expect("close");
+                }
+                spent
+            })
+        });
+    }
+    group.finish();
+}
+
 /// CPU time of this process, all threads (utime + stime).
 fn process_cpu(ticks: u64) -> Duration {
     procfs::cpu_time(std::process::id(), ticks).unwrap_or_default()
@@ -417,6 +468,7 @@ criterion_group!(
     insert_64mib,
     replay_64mib,
     replay_small_rows,
+    delete_from_a_backlog,
     durable_cycle,
     journal_modes
 );
