@@ -9,8 +9,9 @@
 //! its delete or release without waiting for the commit.
 //!
 //! In memory mode replay gives way to live load (`pace.rs`): a probe loop
-//! measures the runtime's scheduling lag while there is a backlog, and each
-//! replay worker waits the paced gap before it claims its next run.
+//! measures the runtime's scheduling lag and the machine's CPU pressure while
+//! there is a backlog, and each replay worker claims smaller runs and waits
+//! the paced gap before its next one.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,7 +20,7 @@ use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
-use super::pace::{Pace, PROBE_EVERY};
+use super::pace::{CpuPressure, Pace, PROBE_EVERY, RUN_SPLIT};
 use super::spool_writes::SpoolWrites;
 use super::{Pipeline, SPILL_HIGH_WATER, SPILL_LOW_WATER};
 use crate::batch::{Batch, Origin};
@@ -194,9 +195,10 @@ impl Spooled {
     }
 
     /// The next spool rows to export, claimed: a hand-off from memory while
-    /// no unclaimed rows wait in the spool, else the oldest unclaimed run.
+    /// no unclaimed rows wait in the spool, else the oldest unclaimed run,
+    /// within `1/split` of a full run's items and bytes (at least one row).
     /// `None` when there is neither.
-    pub(super) async fn next(&self) -> Option<Batch> {
+    pub(super) async fn next(&self, split: u64) -> Option<Batch> {
         let unclaimed = self.spool.unclaimed().any();
         let handoff = self.handoff.as_deref();
         if !unclaimed {
@@ -205,7 +207,8 @@ impl Spooled {
         if let Some(expiry) = &self.expiry {
             expiry.sweep_if_due(&self.spool, &self.metrics).await;
         }
-        match self.spool.claim_run(self.max_items, self.max_bytes).await {
+        let (items, bytes) = (self.max_items / split.max(1), self.max_bytes / split.max(1));
+        match self.spool.claim_run(items.max(1), bytes.max(1)).await {
             Ok(rows) if !rows.is_empty() => return Some(self.batch_from_rows(rows)),
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "cannot read the spool for replay"),
@@ -332,6 +335,8 @@ impl Pipeline {
         }
         let spooled = &self.spooled;
         let mut last_progress = Instant::now();
+        // Items of the last run this worker claimed (its pacing wait).
+        let mut last_items = 0;
         loop {
             if stop.is_cancelled() {
                 return;
@@ -347,16 +352,21 @@ impl Pipeline {
                 }
             };
             tokio::pin!(handed_off);
-            // Under live load, give way before the next claim (`pace.rs`).
+            // Under live load, give way before the next claim (`pace.rs`):
+            // the gap is per full run, waited in proportion to the last
+            // run's items, and runs are smaller meanwhile.
             let gap = spooled.gap();
-            if !gap.is_zero() {
+            let wait = gap.mul_f64(last_items as f64 / spooled.max_items.max(1) as f64);
+            if !wait.is_zero() {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(gap) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
             }
-            match spooled.next().await {
+            let split = if gap.is_zero() { 1 } else { RUN_SPLIT };
+            match spooled.next(split).await {
                 Some(batch) => {
+                    last_items = batch.items;
                     // `deliver` deletes or releases the rows, without waiting.
                     self.deliver(batch, &force).await;
                     if spooled.handoff.is_none() && last_progress.elapsed() > Duration::from_secs(5)
@@ -384,19 +394,23 @@ impl Pipeline {
 
     /// The replay pace probe (memory mode, `pace.rs`): while the spool has
     /// rows to replay, every `PROBE_EVERY` measure how long a ready task
-    /// waits for a worker thread, and whether live data is in memory. Idle
-    /// (no timer) while there is nothing to replay. Ends at `stop`.
+    /// waits for a worker thread, the machine's CPU pressure, and whether
+    /// live data is in memory. Idle (no timer) while there is nothing to
+    /// replay. Ends at `stop`.
     pub async fn run_replay_pace(self: Arc<Self>, stop: CancellationToken) {
         let spooled = &self.spooled;
         if self.upstream.is_none() || !spooled.paced() {
             return;
         }
+        let mut cpu = CpuPressure::new();
         loop {
             let unclaimed = spooled.spool.unclaimed();
             let wake = unclaimed.wake().notified();
             tokio::pin!(wake);
             wake.as_mut().enable();
             if !unclaimed.any() {
+                // The next pressure share starts with the next backlog.
+                cpu = CpuPressure::new();
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = &mut wake => {}
@@ -413,11 +427,12 @@ impl Pipeline {
             let lag = ready.elapsed();
             let now = Instant::now();
             let live = self.budget.used() > 0;
+            let pressure = cpu.sample(now);
             if let Ok(mut pace) = spooled.pace.lock() {
                 if live {
                     pace.live_seen(now);
                 }
-                pace.lag_sample(lag, now);
+                pace.sample(lag, pressure, now);
             }
         }
     }
