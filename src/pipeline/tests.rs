@@ -106,3 +106,44 @@ async fn steady_live_load_keeps_the_spool_from_vacuuming_while_batches_seal_by_s
     assert!(!p.spool().live_load_present(), "and not once they stop");
     p.spool().clone().close().await.expect("close spool");
 }
+
+/// While replay is paced it claims runs of 1/split of the batch limits
+/// (`pace.rs`), never splitting a row: a row over that goes out alone.
+#[tokio::test]
+async fn a_paced_replay_claims_smaller_runs_and_a_large_row_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = pipeline(&dir, Duration::from_secs(3600), 80);
+    let row = |items: u64, created_ms: i64| crate::spool::NewBatch {
+        signal: Signal::Logs,
+        items,
+        created_ms,
+        attempts: 0,
+        payload: vec![Bytes::from_static(b"\x0a\x00")],
+    };
+    let mut rows: Vec<_> = (0..20).map(|i| row(5, i)).collect();
+    rows.push(row(30, 20));
+    rows.extend((21..41).map(|i| row(5, i)));
+    p.spool().insert(rows).await.expect("insert");
+
+    let paced = p.spooled.next(8).await.expect("a paced run");
+    assert_eq!(paced.items, 10, "80 / 8 items: two rows of 5");
+    let full = p.spooled.next(1).await.expect("a full run");
+    assert_eq!(full.items, 80, "sixteen rows of 5");
+    let paced = p.spooled.next(8).await.expect("a paced run");
+    assert_eq!(
+        paced.items, 10,
+        "the last two rows of 5 before the large one"
+    );
+    let large = p.spooled.next(8).await.expect("the large row");
+    assert_eq!(large.items, 30, "a row over the paced limit goes out alone");
+    let mut left = 0;
+    while let Some(run) = p.spooled.next(8).await {
+        assert!(run.items <= 10, "{} items", run.items);
+        left += run.items;
+    }
+    assert_eq!(
+        left, 100,
+        "every row claimed once: 20 + 80 + 30 + 100 = 230 items"
+    );
+    p.spool().clone().close().await.expect("close spool");
+}
