@@ -34,14 +34,18 @@
 //!   it out. With full runs, replaying at a third of the speed left the live
 //!   p99 while replaying where it was (3.1 ms against 3.6 ms at full speed).
 //!   Spooled rows are not split: a row larger than the smaller run goes out
-//!   alone, and the wait after it is in proportion to it.
+//!   alone, and the wait after it is in proportion to it. Each worker keeps
+//!   small runs in flight up to a full run's bytes (`spooled.rs`), so an
+//!   upstream a round trip away gets as many bytes in flight as unpaced: one
+//!   small run at a time would cut replay to an eighth whenever the round
+//!   trip, not the CPU, bounds it.
 //! - **Never starved.** The gap is at most [`MAX_GAP`] per full run's
 //!   worth of items: each worker still replays `batch.max_items` items every
 //!   `MAX_GAP` plus the time it takes to claim and export them, so steady
 //!   live load slows replay, never stops it. On the `replay-live` bench (2
 //!   cores, 50 K live spans/s, CPU pressure over target throughout) that is
-//!   476-487 K spans/s, against 1.0-1.1 M spans/s unpaced, and the live p99
-//!   while replaying is 1.46-1.62 ms against 3.5-4.1 ms unpaced.
+//!   709 K spans/s, against 1.0-1.1 M spans/s unpaced, and the live p99
+//!   while replaying is 1.9-2.1 ms against 3.5-4.1 ms unpaced.
 //!
 //! Durable mode is not paced: there the replay workers also carry the live
 //! data (hand-offs), so slowing them would slow live delivery.

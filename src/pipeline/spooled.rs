@@ -325,6 +325,13 @@ impl Pipeline {
     /// One replay worker: export spooled rows oldest first, alongside live data
     /// (in durable mode also the rows the writer handed off from memory).
     /// Stops taking rows at `stop`; a row in flight at `force` stays in the spool.
+    ///
+    /// Unpaced, it exports one run at a time. Paced (`pace.rs`), its runs
+    /// are [`RUN_SPLIT`] times smaller and it keeps several in flight, up to
+    /// a full run's bytes, so a distant upstream's round trip does not cut
+    /// replay to a fraction: the same bytes are in flight as with one full
+    /// run, in smaller pieces. (A row larger than a small run can take the
+    /// bytes in flight up to one row above that.)
     pub async fn run_replay_worker(
         self: Arc<Self>,
         stop: CancellationToken,
@@ -333,10 +340,30 @@ impl Pipeline {
         if self.upstream.is_none() {
             return;
         }
+        let mut in_flight = tokio::task::JoinSet::new();
+        self.clone()
+            .replay_loop(&stop, &force, &mut in_flight)
+            .await;
+        // Deliveries in flight finish (or, at `force`, leave their rows in
+        // the spool) before the worker ends.
+        while let Some(done) = in_flight.join_next().await {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "a replay delivery task failed");
+            }
+        }
+    }
+
+    async fn replay_loop(
+        self: Arc<Self>,
+        stop: &CancellationToken,
+        force: &CancellationToken,
+        in_flight: &mut tokio::task::JoinSet<u64>,
+    ) {
         let spooled = &self.spooled;
         let mut last_progress = Instant::now();
         // Items of the last run this worker claimed (its pacing wait).
         let mut last_items = 0;
+        let mut bytes_in_flight = 0u64;
         loop {
             if stop.is_cancelled() {
                 return;
@@ -356,6 +383,22 @@ impl Pipeline {
             // the gap is per full run, waited in proportion to the last
             // run's items, and runs are smaller meanwhile.
             let gap = spooled.gap();
+            let split = if gap.is_zero() { 1 } else { RUN_SPLIT };
+            // Room for the next run: one full run's bytes in flight at most.
+            let room = spooled.max_bytes.saturating_sub(spooled.max_bytes / split);
+            while !in_flight.is_empty() && (split == 1 || bytes_in_flight > room) {
+                match in_flight.join_next().await {
+                    Some(Ok(bytes)) => bytes_in_flight = bytes_in_flight.saturating_sub(bytes),
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "a replay delivery task failed");
+                        // Its bytes are unknown: recount from what is left.
+                        if in_flight.is_empty() {
+                            bytes_in_flight = 0;
+                        }
+                    }
+                    None => bytes_in_flight = 0,
+                }
+            }
             let wait = gap.mul_f64(last_items as f64 / spooled.max_items.max(1) as f64);
             if !wait.is_zero() {
                 tokio::select! {
@@ -363,12 +406,27 @@ impl Pipeline {
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
-            let split = if gap.is_zero() { 1 } else { RUN_SPLIT };
+            // Finished deliveries give their bytes back.
+            while let Some(done) = in_flight.try_join_next() {
+                if let Ok(bytes) = done {
+                    bytes_in_flight = bytes_in_flight.saturating_sub(bytes);
+                }
+            }
+            if in_flight.is_empty() {
+                bytes_in_flight = 0;
+            }
             match spooled.next(split).await {
                 Some(batch) => {
                     last_items = batch.items;
+                    let bytes = batch.bytes;
+                    bytes_in_flight += bytes;
                     // `deliver` deletes or releases the rows, without waiting.
-                    self.deliver(batch, &force).await;
+                    let this = self.clone();
+                    let force = force.clone();
+                    in_flight.spawn(async move {
+                        this.deliver(batch, &force).await;
+                        bytes
+                    });
                     if spooled.handoff.is_none() && last_progress.elapsed() > Duration::from_secs(5)
                     {
                         last_progress = Instant::now();
