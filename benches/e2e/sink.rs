@@ -25,6 +25,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use std::io::Read;
 
@@ -309,9 +310,28 @@ impl<const S: usize> Service<http::Request<Body>> for Svc<S> {
                 .accept_compressed(CompressionEncoding::Gzip)
                 .accept_compressed(CompressionEncoding::Zstd)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES);
-            Ok(grpc.unary(handler, req).await)
+            let response = grpc.unary(handler, req).await;
+            if let Some(delay) = answer_delay() {
+                tokio::time::sleep(delay).await;
+            }
+            Ok(response)
         })
     }
+}
+
+/// `E2E_SINK_DELAY_MS`: the lean sink holds each gRPC answer this long, as
+/// an upstream that far away would (unset: answers at once). For replay
+/// against a distant upstream: `E2E_SINK_DELAY_MS=20 ... --scenario
+/// replay-live`.
+fn answer_delay() -> Option<Duration> {
+    static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var("E2E_SINK_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&ms| ms > 0)
+            .map(Duration::from_millis)
+    })
 }
 
 type HttpResponse = http::Response<Full<Bytes>>;

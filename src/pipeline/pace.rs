@@ -36,9 +36,9 @@
 //!   Spooled rows are not split: a row larger than the smaller run goes out
 //!   alone, and the wait after it is in proportion to it. Each worker keeps
 //!   small runs in flight up to a full run's bytes (`spooled.rs`), so an
-//!   upstream a round trip away gets as many bytes in flight as unpaced: one
-//!   small run at a time would cut replay to an eighth whenever the round
-//!   trip, not the CPU, bounds it.
+//!   upstream a round trip away gets as many bytes in flight as unpaced: with
+//!   the bench's sink answering after 20 ms, one small run at a time
+//!   replayed 299-321 K spans/s, small runs in flight 564-584 K.
 //! - **Never starved.** The gap is at most [`MAX_GAP`] per full run's
 //!   worth of items: each worker still replays `batch.max_items` items every
 //!   `MAX_GAP` plus the time it takes to claim and export them, so steady
