@@ -66,14 +66,25 @@ fn file_len(path: &std::path::Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_long_outage_spills_in_one_episode_and_the_spool_file_shrinks_after_the_drain() {
+/// An agent with a small buffer, four clients sending 400-byte logs, and an
+/// upstream that failed until the spool file held a good 16 MiB (still
+/// failing when this returns; the clients still sending).
+struct Outage {
+    upstream: Upstream,
+    agent: AgentProcess,
+    sender: Sender,
+    spool: std::path::PathBuf,
+}
+
+async fn spill_through_an_outage(extra_config: &str) -> Outage {
     let upstream = Upstream::start().await;
     let agent = start_agent(
         &upstream,
-        "[buffer]\nmax_bytes = \"2MiB\"\nmax_wait = \"50ms\"\n[receiver]\nmax_request_bytes = \"256KiB\"\n\
-         [batch]\nmax_bytes = \"256KiB\"\ntimeout = \"10ms\"\n\
-         [upstream.retry]\ninitial_backoff = \"100ms\"\nmax_backoff = \"500ms\"\nprobe_interval = \"200ms\"\n",
+        &format!(
+            "{extra_config}[buffer]\nmax_bytes = \"2MiB\"\nmax_wait = \"50ms\"\n[receiver]\nmax_request_bytes = \"256KiB\"\n\
+             [batch]\nmax_bytes = \"256KiB\"\ntimeout = \"10ms\"\n\
+             [upstream.retry]\ninitial_backoff = \"100ms\"\nmax_backoff = \"500ms\"\nprobe_interval = \"200ms\"\n"
+        ),
     )
     .await;
     let sender = Sender::builder(agent.grpc_addr(), Signal::Logs)
@@ -84,13 +95,28 @@ async fn a_long_outage_spills_in_one_episode_and_the_spool_file_shrinks_after_th
         .start();
     ok(sender.wait_acknowledged(1000, DEADLINE).await);
     upstream.set_mode(Mode::Fail(Code::Unavailable));
-    // Load through the outage until the spool holds a good 16 MiB.
     let spool = agent.spool_path().to_owned();
     let started = Instant::now();
     while file_len(&spool) < 16 << 20 {
         assert!(started.elapsed() < DEADLINE, "the spool never grew");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Outage {
+        upstream,
+        agent,
+        sender,
+        spool,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_outage_spills_in_one_episode_and_the_spool_file_shrinks_after_the_drain() {
+    let Outage {
+        upstream,
+        agent,
+        sender,
+        spool,
+    } = spill_through_an_outage("").await;
     let peak = file_len(&spool);
     upstream.set_mode(Mode::Healthy);
     let report = sender.stop().await;
@@ -134,29 +160,12 @@ async fn a_long_outage_spills_in_one_episode_and_the_spool_file_shrinks_after_th
 /// lost on the way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_drained_spool_keeps_its_pages_while_live_clients_are_served_and_gives_them_back_after() {
-    let upstream = Upstream::start().await;
-    let agent = start_agent(
-        &upstream,
-        "[log]\nlevel = \"info,telespool::spool::maintain=debug\"\n\
-         [buffer]\nmax_bytes = \"2MiB\"\nmax_wait = \"50ms\"\n[receiver]\nmax_request_bytes = \"256KiB\"\n\
-         [batch]\nmax_bytes = \"256KiB\"\ntimeout = \"10ms\"\n\
-         [upstream.retry]\ninitial_backoff = \"100ms\"\nmax_backoff = \"500ms\"\nprobe_interval = \"200ms\"\n",
-    )
-    .await;
-    let sender = Sender::builder(agent.grpc_addr(), Signal::Logs)
-        .batch(100)
-        .workers(4)
-        .spec(ItemSpec::with_payload(400))
-        .max_duration(DEADLINE)
-        .start();
-    ok(sender.wait_acknowledged(1000, DEADLINE).await);
-    upstream.set_mode(Mode::Fail(Code::Unavailable));
-    let spool = agent.spool_path().to_owned();
-    let started = Instant::now();
-    while file_len(&spool) < 16 << 20 {
-        assert!(started.elapsed() < DEADLINE, "the spool never grew");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let Outage {
+        upstream,
+        agent,
+        sender,
+        spool,
+    } = spill_through_an_outage("[log]\nlevel = \"info,telespool::spool::maintain=debug\"\n").await;
     upstream.set_mode(Mode::Healthy);
 
     // The clients go on sending while the backlog drains.
