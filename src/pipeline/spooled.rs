@@ -13,6 +13,7 @@
 //! there is a backlog, and each replay worker claims smaller runs and waits
 //! the paced gap before its next one.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -340,16 +341,14 @@ impl Pipeline {
         if self.upstream.is_none() {
             return;
         }
-        let mut in_flight = tokio::task::JoinSet::new();
+        let mut in_flight = InFlight::default();
         self.clone()
             .replay_loop(&stop, &force, &mut in_flight)
             .await;
         // Deliveries in flight finish (or, at `force`, leave their rows in
         // the spool) before the worker ends.
-        while let Some(done) = in_flight.join_next().await {
-            if let Err(e) = done {
-                tracing::error!(error = %e, "a replay delivery task failed");
-            }
+        while !in_flight.is_empty() {
+            in_flight.join_one().await;
         }
     }
 
@@ -357,13 +356,12 @@ impl Pipeline {
         self: Arc<Self>,
         stop: &CancellationToken,
         force: &CancellationToken,
-        in_flight: &mut tokio::task::JoinSet<u64>,
+        in_flight: &mut InFlight,
     ) {
         let spooled = &self.spooled;
         let mut last_progress = Instant::now();
         // Items of the last run this worker claimed (its pacing wait).
         let mut last_items = 0;
-        let mut bytes_in_flight = 0u64;
         loop {
             if stop.is_cancelled() {
                 return;
@@ -386,18 +384,8 @@ impl Pipeline {
             let split = if gap.is_zero() { 1 } else { RUN_SPLIT };
             // Room for the next run: one full run's bytes in flight at most.
             let room = spooled.max_bytes.saturating_sub(spooled.max_bytes / split);
-            while !in_flight.is_empty() && (split == 1 || bytes_in_flight > room) {
-                match in_flight.join_next().await {
-                    Some(Ok(bytes)) => bytes_in_flight = bytes_in_flight.saturating_sub(bytes),
-                    Some(Err(e)) => {
-                        tracing::error!(error = %e, "a replay delivery task failed");
-                        // Its bytes are unknown: recount from what is left.
-                        if in_flight.is_empty() {
-                            bytes_in_flight = 0;
-                        }
-                    }
-                    None => bytes_in_flight = 0,
-                }
+            while !in_flight.is_empty() && (split == 1 || in_flight.bytes > room) {
+                in_flight.join_one().await;
             }
             let wait = gap.mul_f64(last_items as f64 / spooled.max_items.max(1) as f64);
             if !wait.is_zero() {
@@ -406,26 +394,16 @@ impl Pipeline {
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
-            // Finished deliveries give their bytes back.
-            while let Some(done) = in_flight.try_join_next() {
-                if let Ok(bytes) = done {
-                    bytes_in_flight = bytes_in_flight.saturating_sub(bytes);
-                }
-            }
-            if in_flight.is_empty() {
-                bytes_in_flight = 0;
-            }
+            in_flight.reap();
             match spooled.next(split).await {
                 Some(batch) => {
                     last_items = batch.items;
                     let bytes = batch.bytes;
-                    bytes_in_flight += bytes;
                     // `deliver` deletes or releases the rows, without waiting.
                     let this = self.clone();
                     let force = force.clone();
-                    in_flight.spawn(async move {
+                    in_flight.spawn(bytes, async move {
                         this.deliver(batch, &force).await;
-                        bytes
                     });
                     if spooled.handoff.is_none() && last_progress.elapsed() > Duration::from_secs(5)
                     {
@@ -499,6 +477,52 @@ impl Pipeline {
     /// those that did not fit.
     pub async fn write_to_spool(&self, batches: Vec<Batch>) -> Vec<Batch> {
         self.spooled.write(batches).await
+    }
+}
+
+/// A replay worker's deliveries in flight, and the bytes they hold.
+#[derive(Default)]
+struct InFlight {
+    tasks: tokio::task::JoinSet<u64>,
+    bytes: u64,
+}
+
+impl InFlight {
+    fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    fn spawn(&mut self, bytes: u64, delivery: impl Future<Output = ()> + Send + 'static) {
+        self.bytes += bytes;
+        self.tasks.spawn(async move {
+            delivery.await;
+            bytes
+        });
+    }
+
+    /// Waits for one delivery to finish (none: returns at once).
+    async fn join_one(&mut self) {
+        if let Some(done) = self.tasks.join_next().await {
+            self.finished(done);
+        }
+    }
+
+    /// Takes in the deliveries that have finished, without waiting.
+    fn reap(&mut self) {
+        while let Some(done) = self.tasks.try_join_next() {
+            self.finished(done);
+        }
+    }
+
+    fn finished(&mut self, done: Result<u64, tokio::task::JoinError>) {
+        match done {
+            Ok(bytes) => self.bytes = self.bytes.saturating_sub(bytes),
+            Err(e) => tracing::error!(error = %e, "a replay delivery task failed"),
+        }
+        // A failed task's bytes are unknown; none are in flight once all ended.
+        if self.tasks.is_empty() {
+            self.bytes = 0;
+        }
     }
 }
 
