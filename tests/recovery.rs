@@ -1,5 +1,5 @@
-//! After an outage: the recovery probe brings export back within about one
-//! probe interval, and a long outage spills in one episode and leaves a small
+//! After an outage: the recovery probe brings export back, not each batch's
+//! own backoff, and a long outage spills in one episode and leaves a small
 //! spool file after the drain.
 // Tests and benches drive real processes and sockets: wall-clock time,
 // not tokio's (clippy.toml keeps std's Instant out of the agent's code).
@@ -15,14 +15,17 @@ use tonic::Code;
 const DEADLINE: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn after_an_outage_longer_than_the_backoff_cap_export_resumes_within_two_seconds() {
+async fn after_an_outage_export_resumes_on_the_probe_not_on_each_batchs_backoff() {
     let upstream = Upstream::start_with(Mode::Fail(Code::Unavailable)).await;
-    // Backoff cap 2 s, outage 6 s: without the probe the batches would be
-    // asleep for up to 2 s (in production 30 s) when upstream returns.
+    // Every batch's own backoff is 2 minutes, longer than DEADLINE: without
+    // the probe (one export a second while failing, which wakes every
+    // waiting batch once it succeeds) nothing would reach upstream within
+    // the waits below. No time is measured; the backoff makes the difference.
+    // (With `probe_interval = "5m"` this test fails.)
     let agent = start_agent(
         &upstream,
         "[batch]\ntimeout = \"10ms\"\n\
-         [upstream.retry]\ninitial_backoff = \"500ms\"\nmax_backoff = \"2s\"\nprobe_interval = \"1s\"\n",
+         [upstream.retry]\ninitial_backoff = \"2m\"\nmax_backoff = \"2m\"\nprobe_interval = \"1s\"\n",
     )
     .await;
     let mut sent = std::collections::BTreeSet::new();
@@ -39,25 +42,14 @@ async fn after_an_outage_longer_than_the_backoff_cap_export_resumes_within_two_s
     let outage = Duration::from_secs(6);
     tokio::time::sleep(outage).await;
     let during = upstream.requests(Signal::Traces);
-    // One probe per second once failing (plus the first attempts and one
-    // probe after the initial backoff), not one request per batch per backoff.
+    // One probe per second once failing (plus the first attempts and the
+    // first probe), not one request per batch per backoff.
     assert!(
         during <= 4 + 2 + outage.as_secs() as usize,
         "{during} requests reached a failing upstream in {outage:?}"
     );
 
     upstream.set_mode(Mode::Healthy);
-    let back = Instant::now();
-    ok(upstream
-        .wait_until("a successful export", DEADLINE, |u| {
-            !u.received_ids(Signal::Traces).is_empty()
-        })
-        .await);
-    let lag = back.elapsed();
-    assert!(
-        lag <= Duration::from_secs(2),
-        "first successful export {lag:?} after upstream returned"
-    );
     ok(upstream.wait_for_ids(Signal::Traces, &sent, DEADLINE).await);
     upstream.assert_received_exactly(Signal::Traces, &sent);
 }
