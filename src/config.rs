@@ -34,7 +34,7 @@ pub use receiver::{
     AuthConfig, CorsConfig, HttpListenerConfig, ListenerConfig, ReceiverConfig, ReceiverTlsConfig,
 };
 pub use resource::{Detector, OnConflict, ResourceConfig};
-pub use spool::{Durability, ShutdownConfig, SpoolConfig, SyncMode, WhenFull};
+pub use spool::{Durability, ReplayPacing, ShutdownConfig, SpoolConfig, SyncMode, WhenFull};
 pub use units::{parse_duration, ByteSize};
 pub use unix_socket::{Group, SocketMode, UnixSocketConfig};
 pub use upstream::{Compression, RetryConfig, UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig};

@@ -210,6 +210,7 @@ fn every_config_key_set_by_its_environment_variable_reaches_the_effective_config
         ),
         ("spool.synchronous", "full".into(), "\"full\"".into()),
         ("spool.max_age", "7d".into(), "\"7days\"".into()),
+        ("spool.replay_pacing", "off".into(), "\"off\"".into()),
         ("shutdown.flush_budget", "5s".into(), "\"5s\"".into()),
         ("shutdown.timeout", "15s".into(), "\"15s\"".into()),
         ("durability", "spool".into(), "\"spool\"".into()),

@@ -29,6 +29,22 @@ pub struct SpoolConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub max_age: Option<Duration>,
+    /// Whether a replaying backlog gives way to live clients (memory mode):
+    /// "auto" slows replay while live data is served and the cores are
+    /// contended (`src/pipeline/pace.rs`), "off" replays at full speed.
+    pub replay_pacing: ReplayPacing,
+}
+
+/// `spool.replay_pacing`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayPacing {
+    /// Replay slows down under live load when the runtime's scheduling lag
+    /// or the machine's CPU pressure is over target, never below a floor.
+    #[default]
+    Auto,
+    /// Replay claims full runs as fast as upstream takes them.
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -47,6 +63,7 @@ impl Default for SpoolConfig {
             when_full: WhenFull::Backpressure,
             synchronous: SyncMode::Normal,
             max_age: None,
+            replay_pacing: ReplayPacing::Auto,
         }
     }
 }

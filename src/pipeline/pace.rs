@@ -48,7 +48,9 @@
 //!   while replaying is 1.9-2.1 ms against 3.5-4.1 ms unpaced.
 //!
 //! Durable mode is not paced: there the replay workers also carry the live
-//! data (hand-offs), so slowing them would slow live delivery.
+//! data (hand-offs), so slowing them would slow live delivery. Nor is
+//! replay with `spool.replay_pacing = "off"`, for operators who would rather
+//! drain a backlog as fast as upstream takes it.
 //!
 //! Pure logic here ([`Pace`], `now` passed in); the probe loop and the wait
 //! before a claim are in `spooled.rs`.

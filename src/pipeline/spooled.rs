@@ -26,7 +26,7 @@ use super::spool_writes::SpoolWrites;
 use super::{Pipeline, SPILL_HIGH_WATER, SPILL_LOW_WATER};
 use crate::batch::{Batch, Origin};
 use crate::buffer::MemoryBudget;
-use crate::config::{Config, WhenFull};
+use crate::config::{Config, ReplayPacing, WhenFull};
 use crate::durable::Handoff;
 use crate::metrics::{DropReason, Metrics};
 use crate::signal::Signal;
@@ -49,6 +49,8 @@ pub struct Spooled {
     budget: Arc<MemoryBudget>,
     /// The wait before each replay claim under live load (memory mode).
     pace: Mutex<Pace>,
+    /// `spool.replay_pacing = "auto"`.
+    pacing: bool,
 }
 
 impl Spooled {
@@ -71,13 +73,15 @@ impl Spooled {
             metrics,
             budget,
             pace: Mutex::new(Pace::new()),
+            pacing: config.spool.replay_pacing == ReplayPacing::Auto,
         }
     }
 
-    /// Whether replay is paced against live load: in memory mode. In durable
-    /// mode the replay workers carry the live data too.
-    fn paced(&self) -> bool {
-        self.handoff.is_none()
+    /// Whether replay is paced against live load: in memory mode, unless
+    /// `spool.replay_pacing = "off"`. In durable mode the replay workers
+    /// carry the live data too.
+    pub(super) fn paced(&self) -> bool {
+        self.pacing && self.handoff.is_none()
     }
 
     /// How long a replay worker waits now before it claims a run: only

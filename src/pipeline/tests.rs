@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::Pipeline;
-use crate::config::Config;
+use crate::config::{Config, ReplayPacing};
 use crate::metrics::Metrics;
 use crate::signal::Signal;
 use crate::spool::{Spool, SpoolOptions};
@@ -146,4 +146,27 @@ async fn a_paced_replay_claims_smaller_runs_and_a_large_row_alone() {
         "every row claimed once: 20 + 80 + 30 + 100 = 230 items"
     );
     p.spool().clone().close().await.expect("close spool");
+}
+
+/// `spool.replay_pacing`: memory mode paces replay unless it is "off";
+/// durable mode never does (its replay workers carry the live data).
+#[tokio::test]
+async fn replay_is_paced_in_memory_mode_unless_pacing_is_off() {
+    for (pacing, durable, paced) in [
+        (ReplayPacing::Auto, false, true),
+        (ReplayPacing::Off, false, false),
+        (ReplayPacing::Auto, true, false),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (spool, _) =
+            Spool::open(&dir.path().join("spool.db"), SpoolOptions::default()).expect("open spool");
+        let mut config = Config::default();
+        config.spool.replay_pacing = pacing;
+        if durable {
+            config.durability = crate::config::Durability::Spool;
+        }
+        let p = Pipeline::new(&config, Arc::new(Metrics::new()), spool, None);
+        assert_eq!(p.spooled.paced(), paced, "{pacing:?}, durable {durable}");
+        p.spool().clone().close().await.expect("close spool");
+    }
 }
