@@ -8,6 +8,11 @@
 //!   connection task is: the socket stays corked until the task's poll
 //!   returns, so the kernel sends 64 KiB segments instead of 16 KiB ones.
 //!
+//! - `corked_bbr`, `corked_cubic`: `corked` with the writer's congestion
+//!   control set to BBR and to CUBIC (`src/exporter/loopback.rs`: the agent
+//!   switches a loopback upstream connection from BBR to CUBIC). Skipped
+//!   where the kernel refuses the name.
+//!
 //! Throughput is in payload bytes; the time includes the receiver's side of
 //! each segment, which on loopback runs in the sender's softirq anyway.
 #![allow(clippy::disallowed_types)]
@@ -83,11 +88,22 @@ fn upstream_write(c: &mut Criterion) {
     let mut group = c.benchmark_group("upstream_write_4MiB_16KiB_frames");
     group.throughput(Throughput::Bytes(BATCH as u64));
     group.sample_size(30);
-    for corked in [false, true] {
+    for (name, corked, congestion) in [
+        ("plain", false, None),
+        ("corked", true, None),
+        ("corked_bbr", true, Some("bbr")),
+        ("corked_cubic", true, Some("cubic")),
+    ] {
         let (go_tx, mut go_rx) = mpsc::channel::<()>(1);
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-        rt.block_on(async {
+        let ready = rt.block_on(async {
             let (w, r) = pair().await;
+            if let Some(cc) = congestion {
+                if let Err(e) = socket2::SockRef::from(&w).set_tcp_congestion(cc.as_bytes()) {
+                    eprintln!("{name}: skipped, congestion control {cc:?}: {e}");
+                    return false;
+                }
+            }
             spawn_reader(r, done_tx);
             if corked {
                 let mut w = CorkedTcp::new(w);
@@ -104,8 +120,11 @@ fn upstream_write(c: &mut Criterion) {
                     }
                 });
             }
+            true
         });
-        let name = if corked { "corked" } else { "plain" };
+        if !ready {
+            continue;
+        }
         group.bench_function(name, |b| {
             b.iter(|| {
                 rt.block_on(async {

@@ -1,7 +1,7 @@
 //! The OTLP/HTTP exporter's connector: TCP, then TLS for `https://`.
 //!
 //! hyper-util's `HttpConnector` makes the TCP connection (no Nagle, connect
-//! timeout); for `https://` a tokio-rustls handshake follows with the
+//! timeout; a loopback upstream leaves BBR, `loopback.rs`); for `https://` a tokio-rustls handshake follows with the
 //! `[upstream.tls]` client config (ring provider, ALPN `h2` then
 //! `http/1.1`), and the connection is marked HTTP/2 when the server picked
 //! `h2`, so the pooled client speaks whatever upstream chose. Plain `http://`
@@ -137,6 +137,7 @@ impl tower_service::Service<Uri> for Connector {
         let connecting = tower_service::Service::<Uri>::call(&mut self.tcp, uri);
         Box::pin(async move {
             let tcp = connecting.await.map_err(io::Error::other)?.into_inner();
+            super::loopback::unpace_loopback(&tcp);
             if !https {
                 return Ok(TokioIo::new(Stream::Plain(tcp)));
             }

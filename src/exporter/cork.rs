@@ -98,6 +98,12 @@ impl CorkedTcp {
         CorkedTcp { inner, cork }
     }
 
+    /// The TCP stream underneath.
+    #[cfg(test)]
+    pub(super) fn tcp(&self) -> &TcpStream {
+        &self.inner
+    }
+
     fn cork_for(&mut self, len: usize) {
         if let Some(cork) = &self.cork {
             if len >= CORK_FROM && !cork.corked.load(Ordering::Relaxed) && cork.set(true) {
@@ -220,7 +226,8 @@ impl Drop for PollScope {
 }
 
 /// The gRPC channel's connector: hyper-util's TCP connector (no Nagle, the
-/// connect timeout), each connection wrapped in [`CorkedTcp`]. tonic adds
+/// connect timeout; a loopback upstream leaves BBR, `loopback.rs`), each
+/// connection wrapped in [`CorkedTcp`]. tonic adds
 /// TLS on top for `https://` endpoints.
 #[derive(Clone, Debug)]
 pub(crate) struct CorkedConnector {
@@ -252,6 +259,7 @@ impl tower_service::Service<Uri> for CorkedConnector {
         let connecting = tower_service::Service::<Uri>::call(&mut self.tcp, uri);
         Box::pin(async move {
             let tcp = connecting.await.map_err(io::Error::other)?.into_inner();
+            super::loopback::unpace_loopback(&tcp);
             Ok(TokioIo::new(CorkedTcp::new(tcp)))
         })
     }

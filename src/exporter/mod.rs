@@ -36,6 +36,7 @@ mod cork;
 mod grpc;
 mod health;
 mod http;
+mod loopback;
 pub(crate) mod split;
 
 pub use compress::{compress, compress_with, Deflate, GZIP};
