@@ -20,5 +20,7 @@ for s in scen:
                 d.setdefault((who,c),[]).append((get(row,'msec'),get(row,'page-faults'),row[1]))
     for c in comps:
         n=[x[0] for x in d[('new',c)]]; b=[x[0] for x in d[('before',c)]]
-        pn=statistics.median(x[1] for x in d[('new',c)]); pb=statistics.median(x[1] for x in d[('before',c)])
+        # page faults only when PERF_STAT counted them
+        pf=lambda who: statistics.median(x[1] for x in d[(who,c)]) if all(x[1] is not None for x in d[(who,c)]) else float('nan')
+        pn,pb=pf('new'),pf('before')
         print(f"{s} {c}: new {d[('new',c)][0][2]} {n} median {statistics.median(n):.0f} | before {d[('before',c)][0][2]} {b} median {statistics.median(b):.0f} | ratio {statistics.median(n)/statistics.median(b):.2f} | page faults median {pn:.0f} vs {pb:.0f}")
