@@ -7,10 +7,13 @@
 //! short, and the pacing timer and the model's update on every ACK are pure
 //! kernel work per segment, paid by the sender. For an upstream on a
 //! loopback address (a collector on the node, the bench's sink) the
-//! connection switches from `bbr*` to `cubic`, which every kernel has
-//! built in and lets unprivileged processes choose. Any other congestion
-//! control, and every remote upstream, is left as the host configured it.
-//! Failing to switch only loses the saving, so errors are logged at debug.
+//! connection switches from `bbr*` to `cubic`: the kernel's compiled-in
+//! default, and so in `net.ipv4.tcp_allowed_congestion_control` even where
+//! BBR was made the default at boot (checked as an unprivileged user, as the
+//! packaged unit runs the agent). Any other congestion control, and every
+//! remote upstream, is left as the host configured it. Failing to switch
+//! (a host that does not allow `cubic`) only loses the saving, so errors
+//! are logged at debug.
 //!
 //! On the e2e bench (2 cores, the host's default `bbr`, the sink on
 //! loopback), `typical-nogzip`: agent task-clock 0.93x (601 against 646 ms
