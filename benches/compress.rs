@@ -138,10 +138,21 @@ fn request_body(c: &mut Criterion) {
 /// zstd at one level over the whole batch, the agent's way (raw encoder,
 /// chunks fed as they are, pledged size), for the level sweep.
 fn zstd_at(chunks: &[Bytes], level: i32) -> Vec<u8> {
-    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+    zstd_win(chunks, level, None)
+}
+
+/// [`zstd_at`] with a window of `2^wlog` bytes (libzstd lowers it to the
+/// batch's size), or the level's default.
+fn zstd_win(chunks: &[Bytes], level: i32, wlog: Option<u32>) -> Vec<u8> {
+    use zstd::stream::raw::{CParameter, InBuffer, Operation, OutBuffer};
     let total: usize = chunks.iter().map(Bytes::len).sum();
     let mut out = vec![0u8; total / 2 + (64 << 10)];
     let mut encoder = zstd::stream::raw::Encoder::new(level).expect("zstd");
+    if let Some(w) = wlog {
+        encoder
+            .set_parameter(CParameter::WindowLog(w))
+            .expect("window log");
+    }
     encoder
         .set_pledged_src_size(Some(total as u64))
         .expect("zstd");
@@ -187,5 +198,56 @@ fn zstd_levels(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, request_body, zstd_levels);
+/// zstd -1 three ways, each with its ratio: the streaming API with
+/// libzstd's default window for the level (512 KiB; the agent until
+/// 2026-12-07), the streaming API with a window that covers the batch, and the
+/// chunks joined into one buffer and compressed in one call with that window
+/// (the agent now, `ZSTD_WINDOW_LOG`). Streaming state is new in each
+/// iteration, as in `zstd_level`; the one-shot compressor and buffers are
+/// reused, as the agent reuses them. The agent's own path, reuse included,
+/// is `request_body_4MB_realistic/zstd/agent`.
+fn zstd_windows(c: &mut Criterion) {
+    let chunks = batch();
+    let total: usize = chunks.iter().map(Bytes::len).sum();
+    let mut group = c.benchmark_group("zstd_window_4MB_realistic");
+    group.throughput(Throughput::Bytes(total as u64));
+    group.sample_size(20);
+    for (name, wlog) in [
+        ("stream_window_512KiB", None),
+        ("stream_window_covering_the_batch", Some(23)),
+    ] {
+        let out = zstd_win(&chunks, -1, wlog);
+        eprintln!(
+            "zstd -1, {name}: {total} bytes -> {} (ratio {:.2})",
+            out.len(),
+            total as f64 / out.len() as f64
+        );
+        group.bench_function(name, |b| {
+            b.iter(|| black_box(zstd_win(black_box(&chunks), -1, wlog)))
+        });
+    }
+    let mut cctx = zstd::bulk::Compressor::new(-1).expect("zstd");
+    cctx.set_parameter(zstd::stream::raw::CParameter::WindowLog(23))
+        .expect("zstd");
+    let mut joined = Vec::with_capacity(total);
+    let mut out = Vec::with_capacity(total);
+    let mut one_shot = |joined: &mut Vec<u8>, out: &mut Vec<u8>| {
+        joined.clear();
+        chunks.iter().for_each(|c| joined.extend_from_slice(c));
+        out.clear();
+        cctx.compress_to_buffer(joined, out).expect("zstd");
+        out.len()
+    };
+    let len = one_shot(&mut joined, &mut out);
+    eprintln!(
+        "zstd -1, joined_one_shot_window_covering_the_batch: {total} bytes -> {len} (ratio {:.2})",
+        total as f64 / len as f64
+    );
+    group.bench_function("joined_one_shot_window_covering_the_batch", |b| {
+        b.iter(|| black_box(one_shot(&mut joined, &mut out)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, request_body, zstd_levels, zstd_windows);
 criterion_main!(benches);
