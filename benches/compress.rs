@@ -199,13 +199,16 @@ fn zstd_levels(c: &mut Criterion) {
 }
 
 /// zstd -1 three ways, each with its ratio: the streaming API with
-/// libzstd's default window for the level (512 KiB; the agent until
-/// 2026-12-07), the streaming API with a window that covers the batch, and the
-/// chunks joined into one buffer and compressed in one call with that window
-/// (the agent now, `ZSTD_WINDOW_LOG`). Streaming state is new in each
-/// iteration, as in `zstd_level`; the one-shot compressor and buffers are
-/// reused, as the agent reuses them. The agent's own path, reuse included,
-/// is `request_body_4MB_realistic/zstd/agent`.
+/// libzstd's default window for the level (512 KiB; what the agent does),
+/// the streaming API with a window that covers the batch, and the chunks
+/// joined into one buffer and compressed in one call with that window.
+/// Streaming state is new in each iteration, as in `zstd_level`; the one-shot
+/// compressor and buffers are reused. The covering window is 10-15 % faster
+/// (libzstd's input buffer no longer wraps, so no block takes the slower
+/// split-window match finder) but needs the whole batch in one buffer: a
+/// second copy of every batch being compressed, which under a buffer held
+/// full took the agent's peak RSS past `buffer.max_bytes` + 32 MiB
+/// (benches/RESULTS.md, "zstd with one window per batch: measured, not kept").
 fn zstd_windows(c: &mut Criterion) {
     let chunks = batch();
     let total: usize = chunks.iter().map(Bytes::len).sum();

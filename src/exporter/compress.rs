@@ -1,18 +1,16 @@
 //! Whole-buffer compression of one upstream request, for both protocols.
 //!
-//! For gzip the batch's chunks are fed straight to the deflate stream; for
-//! zstd they are joined and compressed in one call (see [`zstd`]). Either
-//! writes into one output buffer that starts with `prefix` zero bytes (the
-//! gRPC frame header, filled in by the caller; 0 for HTTP). For zstd and
-//! zlib-rs's gzip no `Write` adapter sits in between (ISA-L's binding offers
-//! only one): `flate2::write::GzEncoder` and `zstd::stream::write::Encoder`
-//! compress into a 32 KiB buffer of their own and copy it out, chunk by
-//! chunk. The output is sized from the input once (a third of it for gzip,
-//! grown if a batch compresses worse; half for zstd, which compresses
-//! again into room for the worst case if that was too little), and the compressor state (whose fresh pages would cost a
-//! page fault per 4 KiB on every batch) is kept and reset between batches:
-//! per thread for gzip (a few hundred KiB), in a shared pool for zstd, whose
-//! state includes the joined batch.
+//! The batch's chunks are fed straight to the compressor (deflate with the
+//! gzip wrapper, or libzstd's streaming API), which writes into one
+//! output buffer that starts with `prefix` zero bytes (the gRPC frame header,
+//! filled in by the caller; 0 for HTTP). For zstd and zlib-rs's gzip no
+//! `Write` adapter sits in between (ISA-L's binding offers only one):
+//! `flate2::write::GzEncoder` and `zstd::stream::write::Encoder` compress
+//! into a 32 KiB buffer of their own and copy it out, chunk by chunk. The
+//! output is sized from the input once (a third of it, grown if a batch
+//! compresses worse), and the compressor state (a few hundred KiB each, whose
+//! fresh pages cost a page fault per 4 KiB on every batch) is kept per thread
+//! and reset between batches.
 //!
 //! gzip is ISA-L's igzip at level 1 when the crate is built with the `isal`
 //! feature (the packages are), zlib-rs at level 1 otherwise. On the 4 MB
@@ -37,33 +35,16 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::sync::Mutex;
 
 use bytes::Bytes;
 use flate2::{Compress, FlushCompress, Status};
-use zstd::zstd_safe::CParameter;
+use zstd::stream::raw::{CParameter, InBuffer, Operation, OutBuffer};
 
 use crate::config::Compression;
 
 /// zstd level for upstream requests: the first fast (negative) level, no
 /// Huffman coding of literals (see the module notes for the trade).
 pub(crate) const ZSTD_LEVEL: i32 = -1;
-
-/// zstd's largest window, as a power of two: 8 MiB, the most RFC 8878 asks
-/// an HTTP decoder to accept. libzstd lowers it to a batch's size, so a
-/// batch of up to 8 MiB is one window: the frame header says "single
-/// segment", and the decoder's window is its output. Level -1's own window
-/// is 512 KiB. Fed through the streaming API with that window, libzstd's
-/// input buffer wrapped every 512 KiB and most blocks went through its slower
-/// split-window ("extDict") match finder: 10-15 % more time for the same
-/// bytes (`cargo bench --bench compress -- zstd_window`).
-const ZSTD_WINDOW_LOG: u32 = 23;
-
-/// zstd compressors not in use. Each holds a buffer as large as the largest
-/// batch it joined (4 MiB for a full batch), so they are shared rather than
-/// kept per thread: there are never more of them than batches compressed at
-/// once, at most one per runtime thread.
-static ZSTD_ENCODERS: Mutex<Vec<ZstdState>> = Mutex::new(Vec::new());
 
 /// Room kept free in the output before each compressor call.
 const MIN_SPARE: usize = 16 << 10;
@@ -78,6 +59,7 @@ struct Encoders {
     zlib_rs: Option<Compress>,
     #[cfg(feature = "isal")]
     isal: Option<isal::write::Encoder<Vec<u8>>>,
+    zstd: Option<zstd::stream::raw::Encoder<'static>>,
 }
 
 /// The deflate behind `Compression::Gzip`.
@@ -112,12 +94,7 @@ pub fn compress_with(
     let total: usize = chunks.iter().map(Bytes::len).sum();
     let capacity = match compression {
         Compression::None => total,
-        Compression::Gzip => total / 3 + MIN_SPARE,
-        // Half: the retry in `zstd` is for batches that compress less
-        // than 2:1. Room for the worst case (a little over the input)
-        // would put a full batch's output past `MMAP_THRESHOLD` (4 MiB, in
-        // main.rs): fresh pages from the kernel for every batch.
-        Compression::Zstd => total / 2 + MIN_SPARE,
+        _ => total / 3 + MIN_SPARE,
     };
     let mut out = Vec::with_capacity(prefix + capacity);
     out.resize(prefix, 0);
@@ -132,11 +109,7 @@ pub fn compress_with(
             }
         })?,
         Compression::Zstd => {
-            let pool = || ZSTD_ENCODERS.lock().unwrap_or_else(|e| e.into_inner());
-            let mut state = pool().pop();
-            zstd(&mut state, chunks, total, &mut out)?;
-            // A compressor that failed is dropped with its state.
-            pool().extend(state);
+            ENCODERS.with(|e| zstd(&mut e.borrow_mut().zstd, chunks, total, &mut out))?
         }
     }
     Ok(out)
@@ -215,68 +188,43 @@ fn gzip_zlib_rs(
     }
 }
 
-/// A zstd compressor and the buffer a batch's chunks are joined in, reused
-/// from batch to batch.
-struct ZstdState {
-    compressor: zstd::bulk::Compressor<'static>,
-    joined: Vec<u8>,
-}
-
-/// zstd over the whole batch in one call. The chunks are joined first: one
-/// copy, which libzstd's streaming API would make anyway into an input
-/// buffer of its own, sized (and reallocated, on fresh pages) from each
-/// batch's length. One-shot, libzstd keeps no input buffer, so its state
-/// stays the same size whatever the batch.
 fn zstd(
-    state: &mut Option<ZstdState>,
+    state: &mut Option<zstd::stream::raw::Encoder<'static>>,
     chunks: &[Bytes],
     total: usize,
     out: &mut Vec<u8>,
 ) -> io::Result<()> {
-    let state = match state {
-        Some(s) => s,
+    let encoder = match state {
+        Some(e) => {
+            e.reinit()?;
+            e
+        }
         None => {
-            let mut compressor = zstd::bulk::Compressor::new(ZSTD_LEVEL)?;
+            let mut e = zstd::stream::raw::Encoder::new(ZSTD_LEVEL)?;
             // The frame header then carries the size, so the receiver can
             // check its limit before expanding anything.
-            compressor.set_parameter(CParameter::ContentSizeFlag(true))?;
-            compressor.set_parameter(CParameter::WindowLog(ZSTD_WINDOW_LOG))?;
-            state.insert(ZstdState {
-                compressor,
-                joined: Vec::new(),
-            })
+            e.set_parameter(CParameter::ContentSizeFlag(true))?;
+            state.insert(e)
         }
     };
-    let input = match chunks {
-        [one] => &one[..],
-        _ => {
-            state.joined.clear();
-            state.joined.reserve(total);
-            chunks
-                .iter()
-                .for_each(|c| state.joined.extend_from_slice(c));
-            &state.joined[..]
+    encoder.set_pledged_src_size(Some(total as u64))?;
+    for chunk in chunks {
+        let mut input = InBuffer::around(chunk);
+        while input.pos() < chunk.len() {
+            make_room(out);
+            let len = out.len();
+            let mut output = OutBuffer::around_pos(out, len);
+            encoder.run(&mut input, &mut output)?;
         }
-    };
-    // libzstd writes after the prefix, into the capacity the caller
-    // reserved. If that is too small (one-shot compression fails rather than
-    // stop midway), once more with room for the worst case.
-    let prefix = out.len();
-    let mut once = |out: &mut Vec<u8>| {
-        let mut cursor = io::Cursor::new(out);
-        cursor.set_position(prefix as u64);
-        state.compressor.compress_to_buffer(input, &mut cursor)
-    };
-    if let Err(e) = once(out) {
-        let bound = zstd::compress_bound(input.len());
-        if out.capacity() - prefix >= bound {
-            return Err(e);
-        }
-        out.truncate(prefix);
-        out.reserve(bound);
-        once(out)?;
     }
-    Ok(())
+    loop {
+        make_room(out);
+        let len = out.len();
+        let mut output = OutBuffer::around_pos(out, len);
+        if encoder.finish(&mut output, true)? == 0 {
+            return Ok(());
+        }
+    }
 }
 
 /// The `Content-Encoding` / `grpc-encoding` token, None for no compression.
@@ -381,40 +329,6 @@ mod tests {
         let out = compress(&chunks, Compression::Zstd, 0).expect("compress");
         let size = zstd::zstd_safe::get_frame_content_size(&out).expect("a zstd frame");
         assert_eq!(size, Some(total as u64));
-    }
-
-    /// A zstd frame's header descriptor (the byte after the magic number)
-    /// and, when the frame is not single-segment, its window descriptor.
-    fn zstd_window(frame: &[u8]) -> (bool, Option<u32>) {
-        let single_segment = frame[4] & 0x20 != 0;
-        // Window_Descriptor: exponent in the top 5 bits, mantissa 0 for a
-        // power of two.
-        (
-            single_segment,
-            (!single_segment).then(|| 10 + u32::from(frame[5] >> 3)),
-        )
-    }
-
-    #[test]
-    fn a_zstd_batch_of_up_to_8_mib_is_one_window_and_a_larger_one_has_an_8_mib_window() {
-        // Three 1 MiB chunks: one segment, whatever libzstd's default window.
-        let small: Vec<Bytes> = (0..3).map(|i| noise(1 << 20, 11 + i)).collect();
-        let out = compress(&small, Compression::Zstd, 0).expect("compress");
-        assert_eq!(zstd_window(&out), (true, None), "3 MiB: single segment");
-        // Nine: the window stops at 8 MiB, which every decoder must accept.
-        let large: Vec<Bytes> = (0..9).map(|i| noise(1 << 20, 21 + i)).collect();
-        let out = compress(&large, Compression::Zstd, 0).expect("compress");
-        assert_eq!(
-            zstd_window(&out),
-            (false, Some(23)),
-            "9 MiB: an 8 MiB window"
-        );
-        let mut decoder = zstd::stream::read::Decoder::new(&out[..]).expect("decoder");
-        decoder.window_log_max(23).expect("window_log_max");
-        let mut back = Vec::new();
-        std::io::Read::read_to_end(&mut decoder, &mut back).expect("decodes within 8 MiB");
-        let whole: Vec<u8> = large.iter().flat_map(|c| c.iter().copied()).collect();
-        assert!(back == whole, "9 MiB round trip");
     }
 
     #[test]
