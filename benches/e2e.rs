@@ -89,7 +89,9 @@ usage: cargo bench --bench e2e -- [options]
                        (benches/e2e/realistic.rs); synthetic (today's items)
                        with a BYTES-long extra string attribute
   --compression LIST   compression-grpc/-http: the upstream compressions to
-                       run (default none,gzip,zstd)
+                       run (default none,gzip,zstd); overload and saturated:
+                       the first of them (default gzip), so the memory bound
+                       is checked with each
   --requests N         request count cap
   --duration SECS      duration cap
   --rate REQ_PER_S     rate cap over all clients";
@@ -199,6 +201,9 @@ struct Options {
     overrides: Overrides,
     /// Upstream compressions of the compression-* scenarios.
     compressions: Vec<String>,
+    /// Upstream compression of the memory scenarios (overload, saturated):
+    /// the first of `--compression`, gzip (the default) without it.
+    memory_compression: String,
 }
 
 fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
@@ -211,6 +216,7 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
         sink: SinkKind::Lean,
         overrides: Overrides::default(),
         compressions: ["none", "gzip", "zstd"].map(str::to_owned).to_vec(),
+        memory_compression: "gzip".to_owned(),
     };
     let mut it = args.iter();
     fn value<'a>(it: &mut impl Iterator<Item = &'a String>, flag: &str) -> Result<&'a str, String> {
@@ -291,6 +297,7 @@ fn parse_args(args: &[String]) -> Result<Option<Options>, String> {
                         v => return Err(format!("--compression: {v:?} is not none, gzip or zstd")),
                     }
                 }
+                o.memory_compression.clone_from(&o.compressions[0]);
             }
             "--requests" => o.overrides.requests = Some(num(value(&mut it, a)?, a)?),
             "--duration" => {
@@ -1197,7 +1204,7 @@ async fn overload(options: &Options, spec: &LoadSpec, bodies: &Arc<Bodies>) -> R
         ..Figures::default()
     };
     let config = agent_config(
-        "gzip",
+        &options.memory_compression,
         &format!("[buffer]\nmax_bytes = {OVERLOAD_BUFFER}\n"),
     );
     let tele = through_telespool(
@@ -1219,9 +1226,10 @@ async fn overload(options: &Options, spec: &LoadSpec, bodies: &Arc<Bodies>) -> R
         notes: vec![
             format!(
                 "sink stalled for the first {stall:?}, then healthy; {:.0} MiB of requests \
-                 available to send (at most) against a {} MiB buffer",
+                 available to send (at most) against a {} MiB buffer; upstream.compression = {:?}",
                 offered / MIB,
-                OVERLOAD_BUFFER >> 20
+                OVERLOAD_BUFFER >> 20,
+                options.memory_compression
             ),
             format!(
                 "peak RSS {:.1} MiB vs bound buffer.max_bytes + 32 MiB = {} MiB: {}",
@@ -1252,7 +1260,7 @@ async fn saturated(
     let sink = Sink::Full(Upstream::start_with(Mode::Delay(SLOW_UPSTREAM)).await);
     let base = baseline(&sink, spec, bodies).await;
     let config = agent_config(
-        "gzip",
+        &options.memory_compression,
         &format!("[buffer]\nmax_bytes = {OVERLOAD_BUFFER}\n"),
     );
     let tele = through_telespool(options, &sink, &config, spec, bodies, async {}).await?;
@@ -1263,8 +1271,9 @@ async fn saturated(
         base,
         tele,
         notes: vec![format!(
-            "upstream answers each export after {SLOW_UPSTREAM:?}; peak RSS {:.1} MiB vs bound \
-             buffer.max_bytes + 32 MiB = {} MiB: {}",
+            "upstream answers each export after {SLOW_UPSTREAM:?}, upstream.compression = {:?}; \
+             peak RSS {:.1} MiB vs bound buffer.max_bytes + 32 MiB = {} MiB: {}",
+            options.memory_compression,
             peak as f64 / MIB,
             bound >> 20,
             if peak <= bound { "within" } else { "EXCEEDED" }
