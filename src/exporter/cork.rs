@@ -269,15 +269,11 @@ impl tower_service::Service<Uri> for CorkedConnector {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
 
     async fn pair() -> (CorkedTcp, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let client = client.expect("connect");
+        let (client, accepted) = super::super::loopback::loopback_pair().await;
         client.set_nodelay(true).expect("nodelay");
-        (CorkedTcp::new(client), accepted.expect("accept").0)
+        (CorkedTcp::new(client), accepted)
     }
 
     fn corked(stream: &CorkedTcp) -> bool {

@@ -52,17 +52,22 @@ pub(super) fn unpace_loopback(tcp: &TcpStream) {
     }
 }
 
+/// A connected TCP pair on 127.0.0.1 (the client, the accepted end), for
+/// the exporter's socket tests.
+#[cfg(test)]
+pub(super) async fn loopback_pair() -> (TcpStream, TcpStream) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    (client.expect("connect"), accepted.expect("accept").0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::net::TcpListener;
-
-    async fn loopback_pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (client.expect("connect"), accepted.expect("accept").0)
-    }
 
     /// The connection's congestion control (the kernel pads the name with NULs).
     fn congestion(tcp: &TcpStream) -> Vec<u8> {
