@@ -252,5 +252,186 @@ fn zstd_windows(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, request_body, zstd_levels, zstd_windows);
+/// zstd -1 through the streaming API in frames of at most `2^wlog` bytes of
+/// input, each frame with a window of that size, the encoder reused across
+/// batches as the agent's is. Within a frame libzstd's input buffer never
+/// wraps: a profile shows no block in the split-window match finder
+/// (`ZSTD_compressBlock_fast_extDict_generic`, 40 % of the agent's path),
+/// yet the one-window finder took as long per byte, so 512 KiB frames cost
+/// what the agent's path does (benches/RESULTS.md, "zstd in frames").
+fn zstd_frames(
+    encoder: &mut zstd::stream::raw::Encoder<'static>,
+    chunks: &[Bytes],
+    wlog: u32,
+    out: &mut Vec<u8>,
+) -> usize {
+    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+    let frame_max = 1usize << wlog;
+    let total: usize = chunks.iter().map(Bytes::len).sum();
+    out.clear();
+    out.resize(total / 2 + (64 << 10), 0);
+    let mut pos = 0;
+    let mut left = total;
+    let mut in_frame = 0;
+    let finish = |encoder: &mut zstd::stream::raw::Encoder<'static>,
+                  pos: &mut usize,
+                  out: &mut Vec<u8>| loop {
+        let mut output = OutBuffer::around_pos(&mut out[..], *pos);
+        let more = encoder.finish(&mut output, true).expect("zstd");
+        *pos = output.pos();
+        if more == 0 {
+            break;
+        }
+    };
+    encoder.reinit().expect("zstd");
+    encoder
+        .set_pledged_src_size(Some(left.min(frame_max) as u64))
+        .expect("zstd");
+    for chunk in chunks {
+        let mut rest: &[u8] = chunk;
+        while !rest.is_empty() {
+            if in_frame == frame_max {
+                finish(encoder, &mut pos, out);
+                encoder.reinit().expect("zstd");
+                encoder
+                    .set_pledged_src_size(Some(left.min(frame_max) as u64))
+                    .expect("zstd");
+                in_frame = 0;
+            }
+            let take = rest.len().min(frame_max - in_frame);
+            let mut input = InBuffer::around(&rest[..take]);
+            while input.pos() < take {
+                let mut output = OutBuffer::around_pos(&mut out[..], pos);
+                encoder.run(&mut input, &mut output).expect("zstd");
+                pos = output.pos();
+            }
+            rest = &rest[take..];
+            in_frame += take;
+            left -= take;
+        }
+    }
+    finish(encoder, &mut pos, out);
+    out.truncate(pos);
+    pos
+}
+
+/// zstd -1 with one frame per request body, each compressed in one pass
+/// straight from the body (libzstd's `ZSTD_e_end` shortcut: no copy into
+/// its input buffer, no split window), no history shared across bodies.
+fn zstd_frame_per_chunk(
+    cctx: &mut zstd::zstd_safe::CCtx<'static>,
+    chunks: &[Bytes],
+    out: &mut Vec<u8>,
+) -> usize {
+    use zstd::zstd_safe::zstd_sys::ZSTD_EndDirective as EndDirective;
+    use zstd::zstd_safe::{InBuffer, OutBuffer, ResetDirective};
+    out.clear();
+    for chunk in chunks {
+        cctx.reset(ResetDirective::SessionOnly).expect("zstd");
+        cctx.set_pledged_src_size(Some(chunk.len() as u64))
+            .expect("zstd");
+        out.reserve(zstd::zstd_safe::compress_bound(chunk.len()));
+        let mut input = InBuffer::around(chunk);
+        loop {
+            let pos = out.len();
+            let mut output = OutBuffer::around_pos(out, pos);
+            let left = cctx
+                .compress_stream2(&mut output, &mut input, EndDirective::ZSTD_e_end)
+                .expect("zstd");
+            if left == 0 {
+                break;
+            }
+            out.reserve(left);
+        }
+    }
+    out.len()
+}
+
+/// The agent's zstd against frames of a window each ([`zstd_frames`]) and
+/// one frame per request ([`zstd_frame_per_chunk`]), each with its ratio.
+/// None was kept: see benches/RESULTS.md, "zstd in frames".
+fn zstd_framed(c: &mut Criterion) {
+    use zstd::stream::raw::CParameter;
+    let chunks = batch();
+    let total: usize = chunks.iter().map(Bytes::len).sum();
+    let mut group = c.benchmark_group("zstd_frames_4MB_realistic");
+    group.throughput(Throughput::Bytes(total as u64));
+    group.sample_size(20);
+    let agent = telespool::exporter::compress(&chunks, Compression::Zstd, 5).expect("zstd");
+    eprintln!(
+        "zstd -1, agent: {total} bytes -> {} (ratio {:.2})",
+        agent.len(),
+        total as f64 / agent.len() as f64
+    );
+    group.bench_function("agent", |b| {
+        b.iter(|| {
+            black_box(telespool::exporter::compress(
+                black_box(&chunks),
+                Compression::Zstd,
+                5,
+            ))
+        })
+    });
+    {
+        let mut cctx = zstd::zstd_safe::CCtx::create();
+        cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(-1))
+            .expect("zstd");
+        cctx.set_parameter(zstd::zstd_safe::CParameter::ContentSizeFlag(true))
+            .expect("zstd");
+        let mut out = Vec::new();
+        let len = zstd_frame_per_chunk(&mut cctx, &chunks, &mut out);
+        let back = zstd::stream::decode_all(&out[..]).expect("decode");
+        assert_eq!(back.len(), total, "frames decode to the batch");
+        eprintln!(
+            "zstd -1, one_frame_per_request: {total} bytes -> {len} (ratio {:.2})",
+            total as f64 / len as f64
+        );
+        group.bench_function("one_frame_per_request", |b| {
+            b.iter(|| {
+                black_box(zstd_frame_per_chunk(
+                    &mut cctx,
+                    black_box(&chunks),
+                    &mut out,
+                ))
+            })
+        });
+    }
+    for wlog in [19, 20, 21] {
+        let mut encoder = zstd::stream::raw::Encoder::new(-1).expect("zstd");
+        encoder
+            .set_parameter(CParameter::WindowLog(wlog))
+            .expect("zstd");
+        encoder
+            .set_parameter(CParameter::ContentSizeFlag(true))
+            .expect("zstd");
+        let mut out = Vec::new();
+        let len = zstd_frames(&mut encoder, &chunks, wlog, &mut out);
+        let back = zstd::stream::decode_all(&out[..]).expect("decode");
+        assert_eq!(back.len(), total, "frames decode to the batch");
+        eprintln!(
+            "zstd -1, frames_of_{}KiB: {total} bytes -> {len} (ratio {:.2})",
+            1 << (wlog - 10),
+            total as f64 / len as f64
+        );
+        group.bench_function(format!("frames_of_{}KiB", 1 << (wlog - 10)), |b| {
+            b.iter(|| {
+                black_box(zstd_frames(
+                    &mut encoder,
+                    black_box(&chunks),
+                    wlog,
+                    &mut out,
+                ))
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    request_body,
+    zstd_levels,
+    zstd_windows,
+    zstd_framed
+);
 criterion_main!(benches);

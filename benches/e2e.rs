@@ -94,7 +94,13 @@ usage: cargo bench --bench e2e -- [options]
                        is checked with each
   --requests N         request count cap
   --duration SECS      duration cap
-  --rate REQ_PER_S     rate cap over all clients";
+  --rate REQ_PER_S     rate cap over all clients
+
+environment (the lean sink):
+  E2E_SINK_RUNTIME=shared     the sink on the generator's runtime
+  E2E_SINK_DELAY_MS=N         each gRPC answer held N ms
+  E2E_SINK_H2_WINDOW=adaptive|BYTES
+                       its HTTP/2 receive windows (default hyper's 1 MiB)";
 
 /// Largest `--items` (per request): 10,000 realistic spans are ~5 MB.
 const MAX_ITEMS_PER_REQUEST: usize = 10_000;

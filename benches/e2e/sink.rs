@@ -403,6 +403,32 @@ async fn http_export(
     }
 }
 
+/// The gRPC server's HTTP/2 receive windows: hyper's defaults (1 MiB per
+/// stream and per connection) unless `E2E_SINK_H2_WINDOW` asks for
+/// `adaptive` (BDP-estimated windows, as grpc-go and so the Collector do)
+/// or a fixed size in bytes for both.
+fn h2_flow_control(builder: Server) -> Server {
+    match std::env::var("E2E_SINK_H2_WINDOW").ok().as_deref() {
+        None | Some("") => builder,
+        Some("adaptive") => {
+            eprintln!("[e2e] lean sink: adaptive HTTP/2 windows");
+            builder.http2_adaptive_window(Some(true))
+        }
+        Some(size) => match size.parse::<u32>() {
+            Ok(size) => {
+                eprintln!("[e2e] lean sink: HTTP/2 windows of {size} bytes");
+                builder
+                    .initial_stream_window_size(size)
+                    .initial_connection_window_size(size)
+            }
+            Err(_) => {
+                eprintln!("[e2e] E2E_SINK_H2_WINDOW={size:?} is not `adaptive` or a size in bytes; hyper's defaults kept");
+                builder
+            }
+        },
+    }
+}
+
 /// Accepts OTLP/HTTP connections (HTTP/1.1 and h2c) until `stop`.
 async fn serve_http(listener: TcpListener, recorded: Arc<Recorded>, stop: CancellationToken) {
     loop {
@@ -496,7 +522,7 @@ impl LeanSink {
         let recorded = Arc::new(Recorded::default());
         let stop = CancellationToken::new();
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let router = Server::builder()
+        let router = h2_flow_control(Server::builder())
             .add_service(Svc::<0>(recorded.clone()))
             .add_service(Svc::<1>(recorded.clone()))
             .add_service(Svc::<2>(recorded.clone()));
