@@ -352,6 +352,7 @@ impl Pipeline {
         // the batch is above upstream's size limit (see pipeline/parts.rs).
         let mut rest = parts::cut_to_limit(upstream, &mut batch);
         let give_up_at = tokio::time::Instant::now() + self.retry.max_elapsed;
+        let mut refused_cuts = 0;
         let mut retry_at = tokio::time::Instant::now();
         loop {
             // While upstream is failing only the probe goes out (src/probe.rs).
@@ -414,8 +415,16 @@ impl Pipeline {
                         self.spooled.finish(&batch);
                         return;
                     }
-                    Verdict::Drop => {
+                    permanent @ (Verdict::Refused | Verdict::Drop) => {
                         self.metrics.export_result(signal, "rejected", t0.elapsed());
+                        if permanent == Verdict::Refused
+                            && refused_cuts < parts::MAX_REFUSED_CUTS
+                            && parts::cut_refused(&mut batch, &mut rest)
+                        {
+                            refused_cuts += 1;
+                            tracing::debug!(%signal, cause = %failure.cause, message = %failure.message, "upstream refused a request's content; sending it in halves to find what it refuses");
+                            continue;
+                        }
                         tracing::error!(
                             %signal,
                             items = batch.items,

@@ -13,8 +13,18 @@
 //!   [`parse_retry_after`]); 413 is too large; everything else is permanent.
 //! - No answer at all (connection failed, reset, timeout) is retryable.
 //!
-//! Permanent failures drop the batch with a counted reason; "too large" makes
-//! the exporter split it. Pure functions, no runtime.
+//! Among the permanent ones, gRPC INVALID_ARGUMENT and INTERNAL and HTTP 400
+//! say that upstream could not take what the request holds ([`Verdict::Refused`]):
+//! grpc-go answers INTERNAL and the Collector's OTLP/HTTP receiver 400 when a
+//! request does not decode, for instance a trace id of the wrong length,
+//! which the agent's one-level walk does not look at. A batch joins many
+//! clients' requests, so such an answer may be about one of them: the
+//! exporter cuts the batch at request boundaries and drops only what
+//! upstream refuses on its own. The rest (UNAUTHENTICATED, NOT_FOUND, 401,
+//! 404, ...) would refuse any request and drop the batch as it is.
+//!
+//! Permanent failures drop what they refuse with a counted reason; "too
+//! large" makes the exporter split it. Pure functions, no runtime.
 
 use std::time::{Duration, SystemTime};
 
@@ -61,6 +71,11 @@ pub enum Verdict {
     Retry,
     /// Upstream refused the request's size: send it in smaller parts.
     TooLarge,
+    /// Upstream refused the request's content for good: cut it at request
+    /// boundaries, and drop what is still refused on its own.
+    Refused,
+    /// Upstream would refuse any request (authentication, path, method):
+    /// drop the batch.
     Drop,
 }
 
@@ -82,9 +97,11 @@ pub fn classify(cause: &Cause, has_retry_info: bool, message: &str) -> Verdict {
         ) => Verdict::Retry,
         Cause::Grpc(Code::ResourceExhausted) if has_retry_info => Verdict::Retry,
         Cause::Grpc(Code::ResourceExhausted) => Verdict::TooLarge,
+        Cause::Grpc(Code::InvalidArgument | Code::Internal) => Verdict::Refused,
         Cause::Grpc(_) => Verdict::Drop,
         Cause::Http(429 | 502 | 503 | 504) => Verdict::Retry,
         Cause::Http(413) => Verdict::TooLarge,
+        Cause::Http(400) => Verdict::Refused,
         Cause::Http(_) => Verdict::Drop,
     }
 }
@@ -167,7 +184,8 @@ mod tests {
         assert_eq!(grpc(Code::ResourceExhausted, true), Verdict::Retry);
         assert_eq!(grpc(Code::Unavailable, false), Verdict::Retry);
         assert_eq!(grpc(Code::OutOfRange, false), Verdict::Retry);
-        assert_eq!(grpc(Code::InvalidArgument, true), Verdict::Drop);
+        assert_eq!(grpc(Code::InvalidArgument, true), Verdict::Refused);
+        assert_eq!(grpc(Code::Internal, false), Verdict::Refused);
         assert_eq!(grpc(Code::Unauthenticated, false), Verdict::Drop);
         assert_eq!(classify(&Cause::NoAnswer, false, ""), Verdict::Retry);
         assert_eq!(classify(&Cause::Timeout, false, ""), Verdict::Retry);
@@ -190,7 +208,7 @@ mod tests {
             (503, Verdict::Retry),
             (504, Verdict::Retry),
             (413, Verdict::TooLarge),
-            (400, Verdict::Drop),
+            (400, Verdict::Refused),
             (401, Verdict::Drop),
             (404, Verdict::Drop),
             (500, Verdict::Drop),

@@ -233,6 +233,72 @@ async fn non_retryable_upstream_reply_drops_only_that_batch() {
     assert_eq!(dropped, Some(5.0));
 }
 
+/// One client's request that upstream cannot take (here a poisoned id; at
+/// the Collector, say, a trace id of the wrong length, which the agent's
+/// one-level walk does not check) shares its batch with other clients'
+/// requests. The batch is cut in halves until only that request is refused:
+/// every other id arrives, and only its items are dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_upstream_refuses_is_cut_out_of_its_batch_and_the_rest_is_delivered() {
+    let upstream = Upstream::start().await;
+    let agent = start_agent(&upstream, "[batch]\ntimeout = \"2s\"\n").await;
+    let good: Vec<Vec<u64>> = (0..12).map(|_| fresh_ids(5)).collect();
+    let bad = fresh_ids(5);
+    upstream.poison(bad[2]);
+    let mut requests = good.clone();
+    requests.insert(7, bad.clone());
+    ok(send_concurrently(agent.grpc_addr(), Signal::Logs, &requests).await);
+    let expected = id_set(good.iter().flatten());
+    ok(upstream
+        .wait_for_ids(Signal::Logs, &expected, DEADLINE)
+        .await);
+    upstream.assert_received_exactly(Signal::Logs, &expected);
+    let dropped = ok(agent
+        .metric("telespool_dropped_items_total{signal=\"logs\",reason=\"upstream_rejected\"}")
+        .await);
+    assert_eq!(dropped, Some(bad.len() as f64), "only the refused request");
+    // The whole batch, then the half holding the bad request at each level
+    // (13 requests: four levels at most): a handful of refusals, not 13.
+    let refused = upstream.refused(Signal::Logs);
+    assert!(
+        (2..=6).contains(&refused),
+        "{refused} refused attempts: the batch was cut, and only around the bad request"
+    );
+}
+
+/// An upstream that refuses every request with INVALID_ARGUMENT (say, one
+/// that cannot read any of them): the cutting stops after its budget, so a
+/// batch costs a bounded number of attempts, and every item is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upstream_refusing_everything_costs_a_bounded_number_of_attempts_per_batch() {
+    let upstream = Upstream::start_with(Mode::Fail(Code::InvalidArgument)).await;
+    let agent = start_agent(&upstream, "[batch]\ntimeout = \"2s\"\n").await;
+    let requests: Vec<Vec<u64>> = (0..40).map(|_| fresh_ids(3)).collect();
+    ok(send_concurrently(agent.grpc_addr(), Signal::Traces, &requests).await);
+    let metric = "telespool_dropped_items_total{signal=\"traces\",reason=\"upstream_rejected\"}";
+    let all = 40.0 * 3.0;
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while ok(agent.metric(metric).await) != Some(all) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "every item counted as dropped: {:?} of {all}",
+            ok(agent.metric(metric).await)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let batches = ok(agent
+        .metric("telespool_exported_batches_total{signal=\"traces\",result=\"rejected\"}")
+        .await);
+    let refused = upstream.refused(Signal::Traces);
+    assert_eq!(batches, Some(refused as f64), "every attempt was refused");
+    // One attempt, then at most 16 cuts of up to three parts each.
+    assert!(
+        (17..=49).contains(&refused),
+        "{refused} attempts: cut up to the budget, then dropped whole"
+    );
+    assert!(upstream.unique_ids(Signal::Traces).is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retryable_upstream_reply_is_retried_until_upstream_accepts() {
     let upstream = Upstream::start_with(Mode::Fail(Code::Unavailable)).await;

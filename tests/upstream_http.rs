@@ -115,6 +115,39 @@ async fn a_400_with_a_status_drops_that_batch_counts_it_logs_its_message_and_del
     );
 }
 
+/// The OTLP/HTTP side of the refused-request cut: upstream answers 400 to
+/// any request holding one client's bad request; the others get through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_400_for_one_clients_request_drops_only_that_request_from_the_batch() {
+    let upstream = HttpUpstream::start().await;
+    // One batch: the requests all arrive within the batch timeout.
+    let agent = ok(AgentProcess::builder()
+        .upstream(&upstream.endpoint())
+        .config_toml("[batch]\ntimeout = \"2s\"\n[upstream]\nprotocol = \"http/protobuf\"\n")
+        .start()
+        .await);
+    let good: Vec<Vec<u64>> = (0..12).map(|_| fresh_ids(4)).collect();
+    let bad = fresh_ids(4);
+    upstream.poison(bad[0]);
+    let mut requests = good.clone();
+    requests.insert(3, bad.clone());
+    ok(send_concurrently(agent.grpc_addr(), Signal::Traces, &requests).await);
+    let expected = id_set(good.iter().flatten());
+    ok(upstream
+        .wait_for_ids(Signal::Traces, &expected, DEADLINE)
+        .await);
+    upstream.assert_received_exactly(Signal::Traces, &expected);
+    let dropped = ok(agent
+        .metric(r#"telespool_dropped_items_total{signal="traces",reason="upstream_rejected"}"#)
+        .await);
+    assert_eq!(dropped, Some(bad.len() as f64), "only the refused request");
+    let refusals = upstream.seen().iter().filter(|s| s.status == 400).count();
+    assert!(
+        (2..=6).contains(&refusals),
+        "{refusals} answers of 400: the batch was cut, and only around the bad request"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn per_signal_urls_are_used_as_given_and_headers_are_sent() {
     let upstream = HttpUpstream::start().await;

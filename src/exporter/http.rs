@@ -10,8 +10,9 @@
 //! Answers, as the OTLP/HTTP specification says ([`outcome`], pure): 2xx is
 //! success, with a partial success decoded from the body; 429, 502, 503 and
 //! 504 are retryable, honouring `Retry-After` (seconds or an HTTP date); 413
-//! is "too large" (the pipeline splits the batch); any other status drops the
-//! batch with the `google.rpc.Status` message of the body in the log line.
+//! is "too large" (the pipeline splits the batch); 400 is a refused request
+//! (the pipeline cuts the batch to find it, `pipeline/parts.rs`); any other
+//! status drops the batch. Drops log the `google.rpc.Status` message of the body.
 //! Redirects are not followed: the failure names the `Location`.
 
 use std::sync::{Arc, RwLock};
@@ -363,7 +364,11 @@ mod tests {
         .encode_to_vec();
         for status in [400, 401, 404, 500] {
             let f = answer(status, &[], &body).unwrap_err();
-            assert_eq!(verdict(&f), Verdict::Drop, "{status}");
+            let expected = match status {
+                400 => Verdict::Refused,
+                _ => Verdict::Drop,
+            };
+            assert_eq!(verdict(&f), expected, "{status}");
             assert!(
                 f.message.contains("span 7 has no trace id"),
                 "{}",

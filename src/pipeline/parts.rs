@@ -9,6 +9,17 @@
 //! be cut and is dropped (counted as `upstream_too_large`). The batch is done
 //! (a spool row deleted) only when every part is acknowledged or dropped.
 //!
+//! When upstream refuses a part's content for good (`Verdict::Refused`: gRPC
+//! INVALID_ARGUMENT or INTERNAL, HTTP 400), the refusal may be about one of
+//! the many requests joined in it: the part is cut in two the same way
+//! (request boundaries, then resource entries) and both halves go first.
+//! What upstream still refuses when it is one resource entry is dropped
+//! (counted as `upstream_rejected`), so one bad request costs about
+//! 2·log2(n) attempts instead of its n − 1 neighbours. At most
+//! [`MAX_REFUSED_CUTS`] cuts per batch: an upstream that refuses everything
+//! with such a status costs a bounded number of attempts, and the parts
+//! left are dropped whole.
+//!
 //! If shutdown or `upstream.retry.max_elapsed` stops delivery midway, the
 //! parts not yet acknowledged are joined back into the batch, so a memory
 //! batch is spooled with exactly what upstream has not acknowledged. A spool
@@ -24,6 +35,31 @@ use crate::exporter::{ExportFailure, Upstream};
 use crate::metrics::DropReason;
 
 use super::Pipeline;
+
+/// Cuts of refused parts per batch: enough to find two bad requests among a
+/// hundred (each takes about 2·log2(100) ≈ 14 attempts, 7 cuts).
+pub(super) const MAX_REFUSED_CUTS: u32 = 16;
+
+/// Upstream refused the content of the part in `batch`: cut it in two at
+/// request boundaries (inside a request at its resource entries), put both
+/// halves in front of `rest` and make the first the one in `batch`. False,
+/// and `batch` unchanged, when the part is one resource entry.
+pub(super) fn cut_refused(batch: &mut Batch, rest: &mut VecDeque<Part>) -> bool {
+    let parts = pack(batch.signal, &batch.chunks, (batch.bytes / 2).max(1));
+    if parts.len() <= 1 {
+        return false;
+    }
+    send_first(parts, batch, rest)
+}
+
+/// Put `parts` in front of `rest`, in order, and make the first the one in
+/// `batch`.
+fn send_first(parts: VecDeque<Part>, batch: &mut Batch, rest: &mut VecDeque<Part>) -> bool {
+    for part in parts.into_iter().rev() {
+        rest.push_front(part);
+    }
+    next(batch, rest)
+}
 
 /// Cut `batch` to the upstream's working limit: `batch` keeps the first
 /// part, the others are returned (none when it fits).
@@ -86,10 +122,7 @@ impl Pipeline {
             return next(batch, rest);
         }
         tracing::debug!(%signal, bytes = batch.bytes, parts = parts.len(), limit, "upstream refused a request as too large; sending it in parts");
-        for part in parts.into_iter().rev() {
-            rest.push_front(part);
-        }
-        next(batch, rest)
+        send_first(parts, batch, rest)
     }
 }
 
@@ -143,6 +176,49 @@ mod tests {
             left,
             whole[2 * entry.len()..],
             "exactly the parts not acknowledged"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_part_is_cut_in_two_down_to_one_resource_entry() {
+        // Three requests, the second of two resource entries.
+        let one = resource_spans(2, 50);
+        let two = [resource_spans(1, 50), resource_spans(3, 50)].concat();
+        let chunks = vec![
+            Bytes::from(one.clone()),
+            Bytes::from(two.clone()),
+            Bytes::from(one.clone()),
+        ];
+        let whole: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        let mut b = batch(chunks, 8);
+        let mut rest = VecDeque::new();
+        assert!(cut_refused(&mut b, &mut rest));
+        assert!(b.bytes < whole.len() as u64 && !rest.is_empty());
+        // Every part cut down to single entries: nothing lost, nothing twice,
+        // item counts add up, and a single entry is not cut.
+        let mut done: Vec<(Vec<u8>, u64)> = Vec::new();
+        loop {
+            if !cut_refused(&mut b, &mut rest) {
+                let bytes: Vec<u8> = b.chunks.iter().flat_map(|c| c.iter().copied()).collect();
+                done.push((bytes, b.items));
+                if !next(&mut b, &mut rest) {
+                    break;
+                }
+            }
+        }
+        let joined: Vec<u8> = done.iter().flat_map(|(d, _)| d.iter().copied()).collect();
+        assert_eq!(joined, whole, "the entries, in order, each once");
+        assert_eq!(done.iter().map(|(_, i)| i).sum::<u64>(), 8);
+        let entries = [
+            one.len(),
+            resource_spans(1, 50).len(),
+            resource_spans(3, 50).len(),
+            one.len(),
+        ];
+        assert_eq!(
+            done.iter().map(|(d, _)| d.len()).collect::<Vec<_>>(),
+            entries,
+            "cut down to single resource entries"
         );
     }
 

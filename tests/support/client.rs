@@ -171,6 +171,25 @@ pub async fn send(addr: SocketAddr, signal: Signal, ids: &[u64]) -> Result<(), S
     Client::new(addr).export(signal, ids).await.map(|_| ())
 }
 
+/// One request per id list, all in flight at once (so they land in one
+/// batch); Ok once every one is acknowledged.
+pub async fn send_concurrently(
+    addr: SocketAddr,
+    signal: Signal,
+    requests: &[Vec<u64>],
+) -> Result<(), Status> {
+    let calls: Vec<_> = requests
+        .iter()
+        .cloned()
+        .map(|ids| tokio::spawn(async move { send(addr, signal, &ids).await }))
+        .collect();
+    for call in calls {
+        call.await
+            .map_err(|e| Status::internal(format!("send task: {e}")))??;
+    }
+    Ok(())
+}
+
 /// Like [`send`], gzip-compressed.
 pub async fn send_gzip(addr: SocketAddr, signal: Signal, ids: &[u64]) -> Result<(), Status> {
     Client::new(addr)

@@ -8,7 +8,9 @@
 //! response by default; [`HttpUpstream::script`] queues answers for the next
 //! requests (a 503 with `Retry-After`, a 400 with a `google.rpc.Status`);
 //! [`HttpUpstream::limit`] answers 413 to any request whose decompressed
-//! body is larger. Only requests answered 2xx contribute ids.
+//! body is larger; [`HttpUpstream::poison`] answers 400, as the Collector
+//! does to a body it cannot decode, to any request holding a poisoned id.
+//! Only requests answered 2xx contribute ids.
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::io::Read;
@@ -79,6 +81,7 @@ pub struct Seen {
 struct State_ {
     script: VecDeque<Answer>,
     limit: Option<usize>,
+    poisoned: HashSet<u64>,
     received: [Vec<u64>; 3],
     seen: Vec<Seen>,
 }
@@ -144,6 +147,14 @@ async fn handle(
         version,
         headers: headers.clone(),
     };
+    if let Ok(ids) = ids_in_bytes(signal, &plain) {
+        if let Some(bad) = ids.iter().find(|id| st.poisoned.contains(id)) {
+            let answer = Answer::status_body(400, &format!("request holds poisoned id {bad}"));
+            seen.status = 400;
+            st.seen.push(seen);
+            return (StatusCode::BAD_REQUEST, answer.body).into_response();
+        }
+    }
     let answer = match st.limit {
         Some(limit) if plain.len() > limit => Answer {
             status: 413,
@@ -290,6 +301,12 @@ impl HttpUpstream {
     /// Forget the answers not used yet.
     pub fn clear_script(&self) {
         lock(&self.shared).script.clear();
+    }
+
+    /// Answer 400 to any later request holding `id` (none of its ids are
+    /// recorded), whatever is scripted.
+    pub fn poison(&self, id: u64) {
+        lock(&self.shared).poisoned.insert(id);
     }
 
     /// Answer 413 to requests whose decompressed body is over `bytes`.

@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 pub use telespool::signal::Signal;
 
 pub use agent::AgentProcess;
-pub use client::{send, send_raw, SendReport, Sender};
+pub use client::{send, send_concurrently, send_raw, SendReport, Sender};
 pub use ids::{fresh_ids, ids_in, ExportRequest, ItemSpec};
 pub use upstream::{Mode, Upstream};
 
