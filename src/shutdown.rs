@@ -107,7 +107,8 @@ pub struct Summary {
     pub spooled: [u64; 3],
     pub replayed: [u64; 3],
     pub dropped: [u64; 3],
-    /// Items dropped during shutdown (spool full, deadline): the exit status.
+    /// Items dropped during shutdown (spool full, deadline, older rows
+    /// evicted to make room): the exit status.
     pub dropped_at_shutdown: u64,
     pub duplicates_risked: u64,
     pub spool_rows_left: u64,
@@ -239,6 +240,7 @@ pub async fn run(agent: Stages) -> Summary {
             "writing unacknowledged batches to the spool"
         );
         let counts: Vec<(Signal, u64)> = unfinished.iter().map(|b| (b.signal, b.items)).collect();
+        let evicted_before = agent.pipeline.spool_evicted_items();
         let write = agent.pipeline.write_to_spool(unfinished);
         let (unwritten, reason) = match hard.bound("spool", write).await {
             Some(unwritten) => (
@@ -261,6 +263,13 @@ pub async fn run(agent: Stages) -> Summary {
                 "could not spool everything at shutdown; these items are lost"
             );
         }
+        // `spool.when_full = "drop_oldest"` made room by evicting older rows
+        // (counted and logged as `spool_evicted`): acknowledged data dropped
+        // at shutdown, so the exit status says so.
+        dropped_at_shutdown += agent
+            .pipeline
+            .spool_evicted_items()
+            .saturating_sub(evicted_before);
     }
     end_phase("spool", &mut phases);
 

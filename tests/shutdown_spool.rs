@@ -351,6 +351,77 @@ async fn full_spool_at_shutdown_drops_the_rest_counts_it_and_exits_non_zero_with
     );
 }
 
+/// `spool.when_full = "drop_oldest"`: the shutdown write makes room by
+/// evicting older rows. That drops acknowledged data at shutdown, so it is
+/// counted in `dropped_at_shutdown` and the exit status is 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn evicting_older_rows_to_spool_at_shutdown_counts_as_dropped_and_exits_non_zero() {
+    let upstream = Upstream::start().await;
+    upstream.stop().await;
+    let mut agent = ok(AgentProcess::builder()
+        .upstream(&upstream.endpoint())
+        .config_toml(
+            "[spool]\nmax_bytes = \"256KiB\"\nwhen_full = \"drop_oldest\"\n[shutdown]\nflush_budget = \"200ms\"\ntimeout = \"5s\"\n[batch]\nmax_items = 20\n",
+        )
+        .start()
+        .await);
+    let spec = ItemSpec {
+        payload_bytes: 500,
+        ..ItemSpec::default()
+    };
+    let send = |addr, requests: usize| {
+        let spec = spec.clone();
+        async move {
+            let client = Client::new(addr);
+            for _ in 0..requests {
+                ok(client
+                    .export_with(Signal::Traces, &fresh_ids(20), &spec)
+                    .await);
+            }
+            requests as u64 * 20
+        }
+    };
+    // A first run leaves older rows in the spool.
+    let first = send(agent.grpc_addr(), 8).await;
+    agent.signal(SIGTERM);
+    let status = agent.wait_exit(DEADLINE).await.expect("exits");
+    assert!(status.success(), "the first run fits: {}", agent.stderr());
+    assert_eq!(spool_contents(agent.spool_path()).1, first);
+
+    // The second run holds more than the room left: its shutdown evicts.
+    ok(agent.restart().await);
+    let second = send(agent.grpc_addr(), 20).await;
+    agent.signal(SIGTERM);
+    let status = agent.wait_exit(DEADLINE).await.expect("exits");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "evicting at shutdown drops acknowledged data\n{}",
+        agent.stderr()
+    );
+    assert!(
+        agent
+            .stderr()
+            .contains("dropped the oldest spooled batches"),
+        "{}",
+        agent.stderr()
+    );
+    let dropped_at_shutdown = agent.summary_field("dropped_at_shutdown").expect("summary");
+    let dropped = agent.summary_field("dropped").expect("summary");
+    assert!(dropped_at_shutdown > 0);
+    assert_eq!(
+        dropped_at_shutdown, dropped,
+        "every drop of this run was at shutdown"
+    );
+    let (_, items) = spool_contents(agent.spool_path());
+    assert_eq!(
+        items + dropped,
+        first + second,
+        "every acknowledged item of both runs is spooled or counted as dropped"
+    );
+    assert_eq!(integrity(agent.spool_path()), "ok");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replay_runs_alongside_live_traffic() {
     let upstream = Upstream::start().await;

@@ -14,6 +14,7 @@
 //! the paced gap before its next one.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,6 +46,9 @@ pub struct Spooled {
     max_bytes: u64,
     /// Memory batches inside an unfinished spool write (for the shutdown count).
     writes: SpoolWrites,
+    /// Items evicted by `spool.when_full = "drop_oldest"` so far (shutdown
+    /// counts what its own write evicted).
+    evicted_items: AtomicU64,
     metrics: Arc<Metrics>,
     budget: Arc<MemoryBudget>,
     /// The wait before each replay claim under live load (memory mode).
@@ -70,6 +74,7 @@ impl Spooled {
             max_items: config.batch.max_items,
             max_bytes,
             writes: SpoolWrites::default(),
+            evicted_items: AtomicU64::new(0),
             metrics,
             budget,
             pace: Mutex::new(Pace::new()),
@@ -152,6 +157,7 @@ impl Spooled {
                         self.metrics.dropped(*signal, DropReason::SpoolEvicted, *n);
                         items += n;
                     }
+                    self.evicted_items.fetch_add(items, Ordering::Relaxed);
                     tracing::warn!(
                         batches = evicted.len(),
                         items,
@@ -481,6 +487,12 @@ impl Pipeline {
     /// those that did not fit.
     pub async fn write_to_spool(&self, batches: Vec<Batch>) -> Vec<Batch> {
         self.spooled.write(batches).await
+    }
+
+    /// Items `spool.when_full = "drop_oldest"` has evicted from the spool
+    /// since start.
+    pub fn spool_evicted_items(&self) -> u64 {
+        self.spooled.evicted_items.load(Ordering::Relaxed)
     }
 }
 
