@@ -422,6 +422,69 @@ async fn evicting_older_rows_to_spool_at_shutdown_counts_as_dropped_and_exits_no
     assert_eq!(integrity(agent.spool_path()), "ok");
 }
 
+/// A row whose columns no longer agree (its byte count changed on disk, in
+/// a file that still passes SQLite's checks) is skipped by replay and
+/// logged with its id; the rows behind it are delivered, and it stays in the
+/// file for `spool verify`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreadable_spool_row_is_skipped_and_the_rows_behind_it_are_replayed() {
+    let upstream = Upstream::start().await;
+    upstream.stop().await;
+    let mut agent = ok(AgentProcess::builder()
+        .upstream(&upstream.endpoint())
+        .config_toml(
+            "[batch]\nmax_items = 10\ntimeout = \"5ms\"\n[shutdown]\nflush_budget = \"0s\"\ntimeout = \"10s\"\n",
+        )
+        .start()
+        .await);
+    let backlog = send_all(agent.grpc_addr(), Signal::Metrics, 20, 10).await;
+    agent.signal(SIGTERM);
+    assert!(
+        agent.wait_exit(DEADLINE).await.expect("exits").success(),
+        "{}",
+        agent.stderr()
+    );
+    assert_eq!(spool_contents(agent.spool_path()), (20, 200));
+
+    let db = ok(rusqlite::Connection::open(agent.spool_path()));
+    let (bad_row, payload): (i64, Vec<u8>) = ok(db.query_row(
+        "SELECT id, payload FROM batches ORDER BY id LIMIT 1",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    ));
+    ok(db.execute(
+        "UPDATE batches SET bytes = bytes + 1 WHERE id = ?1",
+        [bad_row],
+    ));
+    drop(db);
+    assert_eq!(integrity(agent.spool_path()), "ok");
+    let lost = id_set(&ok(support::ids::ids_in_bytes(Signal::Metrics, &payload)));
+    assert_eq!(lost.len(), 10);
+
+    upstream.restart().await;
+    ok(agent.restart().await);
+    let expected: BTreeSet<u64> = backlog.difference(&lost).copied().collect();
+    ok(upstream
+        .wait_for_ids(Signal::Metrics, &expected, DEADLINE)
+        .await);
+    let line = ok(agent
+        .wait_for_log("cannot be read; replay skips it", Duration::from_secs(10))
+        .await);
+    assert!(line.contains(&format!("row={bad_row}")), "{line}");
+    agent.signal(SIGTERM);
+    assert!(
+        agent.wait_exit(DEADLINE).await.expect("exits").success(),
+        "{}",
+        agent.stderr()
+    );
+    upstream.assert_received_exactly(Signal::Metrics, &expected);
+    assert_eq!(
+        spool_contents(agent.spool_path()),
+        (1, 10),
+        "only the unreadable row is left"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replay_runs_alongside_live_traffic() {
     let upstream = Upstream::start().await;

@@ -71,11 +71,22 @@ pub(super) struct Claims {
     /// of retrying the same failing row first.
     cursor: i64,
     held: HashSet<i64>,
+    /// Rows whose columns do not decode (`SpoolError::BadRow`, e.g. a byte
+    /// count that does not match the payload): replay skips them from then
+    /// on instead of failing every run at the same row, which would hold up
+    /// every row behind it. They stay in the file, where `spool verify`
+    /// reports them and expiry or eviction may remove them.
+    unreadable: HashSet<i64>,
 }
 
 impl Claims {
     pub(super) fn held(&self) -> &HashSet<i64> {
         &self.held
+    }
+
+    /// Rows replay skips because they cannot be read.
+    pub(super) fn unreadable(&self) -> &HashSet<i64> {
+        &self.unreadable
     }
 
     /// `keep` and every claimed id: rows eviction and expiry leave alone.
@@ -112,6 +123,31 @@ impl Claims {
         }
     }
 
+    /// [`Store::oldest_run`] past the unreadable rows: a row found unreadable
+    /// is logged, set aside, and the run is read again without it.
+    fn readable_run(
+        &mut self,
+        store: &Store,
+        after_id: i64,
+        max_items: u64,
+        max_bytes: u64,
+    ) -> Result<Vec<SpooledBatch>, SpoolError> {
+        loop {
+            match store.oldest_run(after_id, &self.held, &self.unreadable, max_items, max_bytes) {
+                Err(SpoolError::BadRow { path, id, why }) if self.unreadable.insert(id) => {
+                    tracing::error!(
+                        path = %path.display(),
+                        row = id,
+                        why,
+                        "a spool row cannot be read; replay skips it and goes on with the others \
+                         (`telespool spool verify` lists it; spool.max_age or eviction removes it)"
+                    );
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// The oldest run of unclaimed rows after the cursor (wrapping to the
     /// start once), claimed. Empty, and [`Unclaimed`] cleared, when every row
     /// is claimed or delete-pending.
@@ -122,9 +158,9 @@ impl Claims {
         max_bytes: u64,
         unclaimed: &Unclaimed,
     ) -> Result<Vec<SpooledBatch>, SpoolError> {
-        let mut run = store.oldest_run(self.cursor, &self.held, max_items, max_bytes)?;
+        let mut run = self.readable_run(store, self.cursor, max_items, max_bytes)?;
         if run.is_empty() && self.cursor != 0 {
-            run = store.oldest_run(0, &self.held, max_items, max_bytes)?;
+            run = self.readable_run(store, 0, max_items, max_bytes)?;
         }
         match run.first() {
             Some(first) => {

@@ -101,6 +101,7 @@ impl Store {
         &self,
         after_id: i64,
         claimed: &HashSet<i64>,
+        unreadable: &HashSet<i64>,
         max_items: u64,
         max_bytes: u64,
     ) -> Result<Vec<SpooledBatch>, SpoolError> {
@@ -128,7 +129,10 @@ impl Store {
             let mut scanned_past_first = 0usize;
             for meta in metas {
                 let (id, row_signal, row_items, row_bytes) = meta.map_err(&sql)?;
-                if claimed.contains(&id) || self.pending.contains_key(&id) {
+                if claimed.contains(&id)
+                    || unreadable.contains(&id)
+                    || self.pending.contains_key(&id)
+                {
                     continue;
                 }
                 if chosen.is_empty() {

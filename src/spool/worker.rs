@@ -182,7 +182,8 @@ pub(super) fn run(
             }
             Command::OldestRun(after_id, claimed, max_items, max_bytes, reply) => {
                 let claimed: HashSet<i64> = claimed.union(w.claims.held()).copied().collect();
-                let result = store.oldest_run(after_id, &claimed, max_items, max_bytes);
+                let unreadable = w.claims.unreadable();
+                let result = store.oldest_run(after_id, &claimed, unreadable, max_items, max_bytes);
                 answer(reply, result, store, stats)
             }
             Command::OldestUnclaimed(after_id, claimed, reply) => {
