@@ -123,7 +123,11 @@ impl ExpirySweeper {
 impl Spool {
     /// Deletes every row created before `before_ms` (unix ms) whose id is not
     /// in `keep`, in one transaction. Returns each deleted row's signal and
-    /// item count, oldest first.
+    /// item count, oldest first. Rows already delete-pending (delivered,
+    /// their delete waiting for disk space) are not expired: they were
+    /// counted as forwarded. A delete that fails leaves the expired rows
+    /// delete-pending (out of replay, deleted by a later retry), so they
+    /// are reported as expired all the same.
     pub async fn expire(
         &self,
         before_ms: i64,
@@ -152,7 +156,7 @@ impl Store {
             let mut rows = stmt.query(params![before_ms]).map_err(&sql)?;
             while let Some(row) = rows.next().map_err(&sql)? {
                 let id: i64 = row.get(0).map_err(&sql)?;
-                if keep.contains(&id) {
+                if keep.contains(&id) || self.pending.contains_key(&id) {
                     continue;
                 }
                 let signal: String = row.get(1).map_err(&sql)?;
@@ -166,7 +170,13 @@ impl Store {
         let ids: Vec<i64> = expired.iter().map(|(id, _, _)| *id).collect();
         // One worker thread owns the connection: nothing changes the table
         // between the read above and this delete.
-        self.delete(&ids)?;
+        if let Err(e) = self.delete(&ids) {
+            tracing::warn!(
+                error = %e,
+                rows = ids.len(),
+                "expired spool rows could not be deleted now; they leave replay and are deleted later"
+            );
+        }
         Ok(expired
             .into_iter()
             .map(|(_, signal, items)| (signal, items))
@@ -214,6 +224,28 @@ mod tests {
             attempts: 0,
             payload: vec![Bytes::from_static(b"\x0a\x00")],
         }
+    }
+
+    #[test]
+    fn rows_already_delete_pending_are_not_expired_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("spool.db");
+        let (mut store, _) = Store::open(&path, &SpoolOptions::default()).expect("open");
+        let ids = store
+            .insert(&[
+                batch(Signal::Traces, 3, 1_000),
+                batch(Signal::Logs, 5, 2_000),
+            ])
+            .expect("insert")
+            .ids;
+        // Delivered, but its delete could not commit (a full disk).
+        store.mark_pending(&ids[..1]);
+        let expired = store.expire(5_000, &HashSet::new()).expect("expire");
+        assert_eq!(
+            expired,
+            vec![(Signal::Logs, 5)],
+            "the delivered row is not counted as dropped"
+        );
     }
 
     #[tokio::test]
