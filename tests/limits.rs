@@ -1,5 +1,5 @@
 //! Receiver limits through the real binary: the body deadline cuts off clients
-//! that trickle bytes (HTTP 408, gRPC DEADLINE_EXCEEDED) while others are
+//! that trickle bytes (HTTP 503 with Retry-After, gRPC DEADLINE_EXCEEDED) while others are
 //! served, and the per-listener connection limit holds under a burst.
 // Tests and benches drive real processes and sockets: wall-clock time,
 // not tokio's (clippy.toml keeps std's Instant out of the agent's code).
@@ -22,7 +22,8 @@ use tokio::net::TcpStream;
 const DEADLINE: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn slow_http_body_is_cut_off_with_408_at_the_deadline_while_another_client_is_served() {
+async fn slow_http_body_is_cut_off_with_a_retryable_503_at_the_deadline_while_another_client_is_served(
+) {
     let upstream = Upstream::start().await;
     let agent = start_agent(&upstream, "[receiver]\nbody_timeout = \"1s\"\n").await;
     let addr = agent.http_addr();
@@ -62,7 +63,12 @@ async fn slow_http_body_is_cut_off_with_408_at_the_deadline_while_another_client
         "the slow client was not cut off within {DEADLINE:?}"
     );
     let text = String::from_utf8_lossy(&answer);
-    assert!(text.starts_with("HTTP/1.1 408"), "answer: {text:?}");
+    // 503 + Retry-After: OTLP/HTTP clients retry it (408 they would drop).
+    assert!(text.starts_with("HTTP/1.1 503"), "answer: {text:?}");
+    assert!(
+        text.to_ascii_lowercase().contains("retry-after: 1\r\n"),
+        "answer: {text:?}"
+    );
     assert!(
         text.contains("body_timeout"),
         "answer names the key: {text:?}"

@@ -28,7 +28,7 @@ pub struct ReceiverConfig {
     /// buffer (at least 8KiB there).
     pub max_header_bytes: ByteSize,
     /// Deadline for receiving a whole request body once its headers arrived;
-    /// a client that trickles bytes gets DEADLINE_EXCEEDED / 408.
+    /// a client that trickles bytes gets DEADLINE_EXCEEDED / 503 (retryable).
     #[serde(with = "duration")]
     pub body_timeout: Duration,
     /// HTTP/1 deadline for a request's headers (slow-header clients).

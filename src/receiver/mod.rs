@@ -50,7 +50,9 @@ pub enum IngestError {
     #[error("{0}")]
     BadEncoding(String),
     /// The body did not arrive within `receiver.body_timeout` (a slow or
-    /// stalled client); the client may retry.
+    /// stalled client); the client may retry: gRPC DEADLINE_EXCEEDED, HTTP
+    /// 503 with `Retry-After` (OTLP/HTTP clients retry only 429, 502, 503
+    /// and 504, so 408 would make them drop the data).
     #[error("request body not received within {0:?} (receiver.body_timeout)")]
     BodyTimeout(Duration),
     /// `receiver.auth.token_file` is set and the request has no bearer token
@@ -77,6 +79,9 @@ pub enum IngestError {
 
 /// Delay suggested to clients refused during shutdown: about one restart.
 pub const SHUTDOWN_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Delay suggested to an OTLP/HTTP client whose body did not arrive in time.
+pub const BODY_TIMEOUT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 impl IngestError {
     /// The one mapping from ingest errors to gRPC statuses. Retryable refusals
@@ -109,7 +114,8 @@ impl IngestError {
     }
 
     /// The one mapping from ingest errors to OTLP/HTTP statuses. Retryable
-    /// refusals are 429 (buffer full) or 503 (shutting down), answered with a
+    /// refusals are 429 (buffer full) or 503 (shutting down, spool full, body
+    /// not received within `receiver.body_timeout`), answered with a
     /// `Retry-After` of [`IngestError::retry_after`]; the others are not
     /// retryable: 400 malformed, 413 too large, 415 unsupported content type or
     /// content encoding. The body (a `google.rpc.Status`) carries the message and
@@ -128,7 +134,7 @@ impl IngestError {
             IngestError::ShuttingDown | IngestError::SpoolFull { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            IngestError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            IngestError::BodyTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::Unauthenticated => StatusCode::UNAUTHORIZED,
             IngestError::Stamp(StampError::Malformed(_)) => StatusCode::BAD_REQUEST,
             IngestError::Stamp(StampError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -142,6 +148,7 @@ impl IngestError {
                 Some(*retry_after)
             }
             IngestError::ShuttingDown => Some(SHUTDOWN_RETRY_AFTER),
+            IngestError::BodyTimeout(_) => Some(BODY_TIMEOUT_RETRY_AFTER),
             _ => None,
         }
     }
