@@ -209,3 +209,47 @@ async fn a_connection_that_sends_nothing_is_closed_after_the_idle_timeout() {
         );
     }
 }
+
+/// An HTTP/2 client that opens the connection and then never answers a
+/// frame (a stopped process: its kernel still ACKs at the TCP level), with
+/// keepalive PINGs off: the GOAWAY's PING is never acknowledged, yet the
+/// connection is closed, so it cannot hold a connection permit for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_http2_client_that_never_answers_the_goaway_ping_is_still_disconnected() {
+    let upstream = Upstream::start().await;
+    let agent = start_agent(
+        &upstream,
+        "[receiver]\nidle_timeout = \"300ms\"\nkeepalive_interval = \"0s\"\n",
+    )
+    .await;
+    let mut stream = ok(TcpStream::connect(agent.grpc_addr()).await);
+    // The client preface, an empty SETTINGS frame and the acknowledgement of
+    // the server's SETTINGS (written ahead: the agent sends its own at once);
+    // nothing after.
+    ok(stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await);
+    ok(stream.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await);
+    ok(stream.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await);
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "a client that never acknowledges the GOAWAY's PING kept its connection"
+    );
+    // The agent did go through the graceful steps: GOAWAY (type 7) and PING (6).
+    let frame_types: Vec<u8> = frames(&buf).map(|(kind, _)| kind).collect();
+    assert!(
+        frame_types.contains(&7) && frame_types.contains(&6),
+        "frames received: {frame_types:?}"
+    );
+}
+
+/// (type, payload) of each whole HTTP/2 frame in `bytes`.
+fn frames(mut bytes: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    std::iter::from_fn(move || {
+        let len = u32::from_be_bytes([0, *bytes.first()?, *bytes.get(1)?, *bytes.get(2)?]) as usize;
+        let kind = *bytes.get(3)?;
+        let payload = bytes.get(9..9 + len)?;
+        bytes = &bytes[9 + len..];
+        Some((kind, payload))
+    })
+}

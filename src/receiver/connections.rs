@@ -15,6 +15,9 @@
 //! - **Idle connections** (`idle_timeout`): a connection with no request in
 //!   flight for that long is shut down gracefully. This also closes a
 //!   connection that never sends a byte, so silent clients cannot pin permits.
+//!   One that has gone away and is still idle an `idle_timeout` later is
+//!   dropped: an HTTP/2 client that never acknowledges the GOAWAY's PING
+//!   cannot keep it either, keepalive PINGs or not.
 //! - The **body deadline** is the handlers' (they know the protocol's status
 //!   code); see `receiver.body_timeout` and [`super::IngestError::BodyTimeout`].
 //! - **TLS** (`[receiver.tls]`): the handshake runs in the connection's task,
@@ -185,12 +188,23 @@ async fn connection<I>(
             }
             _ = stop.cancelled(), if !closing => {
                 conn.as_mut().graceful_shutdown();
+                activity.restart_idle();
                 closing = true;
             }
             _ = activity.idle_for(idle_timeout), if !closing => {
                 tracing::debug!(?idle_timeout, "closing idle connection");
                 conn.as_mut().graceful_shutdown();
+                activity.restart_idle();
                 closing = true;
+            }
+            // HTTP/2 ends a graceful shutdown only when the client answers
+            // the GOAWAY's PING. A client that never does (stopped, wedged)
+            // would keep the connection and its permit for good when
+            // keepalive PINGs are off: once it has gone away, a connection
+            // with nothing in flight for another idle timeout is dropped.
+            _ = activity.idle_for(idle_timeout), if closing => {
+                tracing::debug!(?idle_timeout, "dropping a connection that went away but was not closed by the client");
+                return;
             }
         }
     }
@@ -338,6 +352,13 @@ impl Activity {
     fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
+    }
+
+    /// Count idleness from now: a connection that has just gone away gets a
+    /// whole idle timeout to close on its own.
+    fn restart_idle(&self) {
+        self.idle_since_ms
+            .store(self.elapsed_ms(), Ordering::Release);
     }
 
     /// Resolves once no request has been in flight for `timeout`.
