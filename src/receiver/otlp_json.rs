@@ -116,10 +116,23 @@ pub fn json_to_protobuf(signal: Signal, json: &[u8]) -> Result<Vec<u8>, JsonErro
                 .iter_mut()
                 .flat_map(|r| r.scope_metrics.iter_mut())
                 .flat_map(|s| s.metrics.iter_mut());
-            let mut data = data.into_iter();
-            for metric in metrics {
+            let metrics: Vec<_> = metrics.collect();
+            if metrics.len() != data.len() {
+                // Cannot happen once positional messages are refused; never
+                // pair data with the wrong metric if it does.
+                return Err(schema_error(
+                    signal,
+                    &[],
+                    format!(
+                        "{} metrics but {} metric data entries: the document does not line up",
+                        metrics.len(),
+                        data.len()
+                    ),
+                ));
+            }
+            for (metric, data) in metrics.into_iter().zip(data) {
                 // One entry was taken per metric object, in document order.
-                metric.data = data.next().flatten();
+                metric.data = data;
             }
             request.encode_to_vec()
         }
@@ -206,6 +219,30 @@ fn schema_error(signal: Signal, path: &[Step<'_>], message: impl Into<String>) -
 /// Keys whose value is a list of `KeyValue`.
 const KEY_VALUE_LISTS: [&str; 3] = ["attributes", "filteredAttributes", "metadata"];
 
+/// Keys whose value is one message (never a list) in OTLP/JSON.
+const MESSAGE_KEYS: [&str; 5] = ["resource", "scope", "status", "positive", "negative"];
+
+/// OTLP/JSON writes every message as an object. serde would also take a
+/// struct as a positional array, which would slip past every key-based
+/// check here (ids, integers) and, for metrics, pair data with the wrong
+/// metric: a list inside a list, a `KeyValue` or one of [`MESSAGE_KEYS`]
+/// given as an array is refused.
+fn check_not_positional(
+    signal: Signal,
+    value: &Value,
+    what: &str,
+    path: &[Step<'_>],
+) -> Result<(), JsonError> {
+    match value {
+        Value::Array(_) => Err(schema_error(
+            signal,
+            path,
+            format!("{what} is a list; OTLP/JSON writes each message as an object"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The fix-ups listed in the module docs, over the whole document. Recursion
 /// depth is bounded by serde_json's nesting limit (128) at parse time.
 fn normalize<'a>(
@@ -220,6 +257,9 @@ fn normalize<'a>(
                 check_member(signal, key, v, path)?;
                 let kv_list = KEY_VALUE_LISTS.contains(&key.as_str());
                 path.push(Step::Key(key));
+                if MESSAGE_KEYS.contains(&key.as_str()) {
+                    check_not_positional(signal, v, "this message", path)?;
+                }
                 match (kv_list, v) {
                     (true, Value::Array(items)) => {
                         for (i, item) in items.iter_mut().enumerate() {
@@ -236,6 +276,9 @@ fn normalize<'a>(
         Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
                 path.push(Step::Index(i));
+                // OTLP has no list of lists: an element that is a list is a
+                // message written positionally.
+                check_not_positional(signal, item, "this list element", path)?;
                 normalize(signal, item, path)?;
                 path.pop();
             }
@@ -250,6 +293,7 @@ fn normalize_key_value<'a>(
     item: &'a mut Value,
     path: &mut Vec<Step<'a>>,
 ) -> Result<(), JsonError> {
+    check_not_positional(signal, item, "this KeyValue", path)?;
     if let Value::Object(map) = item {
         map.retain(|_, v| !v.is_null());
         map.entry("key")
@@ -850,6 +894,47 @@ mod tests {
                 }],
                 ..Default::default()
             }],
+        }
+    }
+
+    /// serde takes a struct written as a positional array; OTLP/JSON never
+    /// writes one, and such a document would slip past the id checks or pair
+    /// metric data with the wrong metric.
+    #[test]
+    fn messages_written_as_lists_are_refused() {
+        let cases = [
+            // A scope as a list: its metric would get the next scope's data.
+            (
+                Signal::Metrics,
+                r#"{"resourceMetrics":[{"scopeMetrics":[[null,[{"name":"a"}]],{"metrics":[{"name":"b","sum":{"dataPoints":[{"asInt":"1"}],"aggregationTemporality":2,"isMonotonic":true}}]}]}]}"#,
+                "resourceMetrics[0].scopeMetrics[0]",
+            ),
+            // A span as a list: its 1-byte trace id would pass unchecked.
+            (
+                Signal::Traces,
+                r#"{"resourceSpans":[{"scopeSpans":[{"spans":[["ab"]]}]}]}"#,
+                "resourceSpans[0].scopeSpans[0].spans[0]",
+            ),
+            (
+                Signal::Logs,
+                r#"{"resourceLogs":[{"resource":["x"],"scopeLogs":[]}]}"#,
+                "resourceLogs[0].resource",
+            ),
+            (
+                Signal::Logs,
+                r#"{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"attributes":[["k",{"stringValue":"v"}]]}]}]}]}"#,
+                "attributes[0]",
+            ),
+        ];
+        for (signal, json, at) in cases {
+            match json_to_protobuf(signal, json.as_bytes()) {
+                Err(e @ JsonError::Schema { .. }) => {
+                    let text = e.to_string();
+                    assert!(text.contains(at), "{json}: {text}");
+                    assert!(text.contains("as an object"), "{json}: {text}");
+                }
+                other => panic!("{json}: {other:?}"),
+            }
         }
     }
 
