@@ -422,12 +422,9 @@ async fn evicting_older_rows_to_spool_at_shutdown_counts_as_dropped_and_exits_no
     assert_eq!(integrity(agent.spool_path()), "ok");
 }
 
-/// A row whose columns no longer agree (its byte count changed on disk, in
-/// a file that still passes SQLite's checks) is skipped by replay and
-/// logged with its id; the rows behind it are delivered, and it stays in the
-/// file for `spool verify`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_unreadable_spool_row_is_skipped_and_the_rows_behind_it_are_replayed() {
+/// A stopped agent whose spool holds `rows` rows of 10 metric points each,
+/// sent while its upstream (returned stopped) was down; and their ids.
+async fn spooled_backlog(rows: usize) -> (Upstream, AgentProcess, BTreeSet<u64>) {
     let upstream = Upstream::start().await;
     upstream.stop().await;
     let mut agent = ok(AgentProcess::builder()
@@ -437,14 +434,25 @@ async fn an_unreadable_spool_row_is_skipped_and_the_rows_behind_it_are_replayed(
         )
         .start()
         .await);
-    let backlog = send_all(agent.grpc_addr(), Signal::Metrics, 20, 10).await;
+    let backlog = send_all(agent.grpc_addr(), Signal::Metrics, rows, 10).await;
     agent.signal(SIGTERM);
     assert!(
         agent.wait_exit(DEADLINE).await.expect("exits").success(),
         "{}",
         agent.stderr()
     );
-    assert_eq!(spool_contents(agent.spool_path()), (20, 200));
+    let rows = rows as u64;
+    assert_eq!(spool_contents(agent.spool_path()), (rows, rows * 10));
+    (upstream, agent, backlog)
+}
+
+/// A row whose columns no longer agree (its byte count changed on disk, in
+/// a file that still passes SQLite's checks) is skipped by replay and
+/// logged with its id; the rows behind it are delivered, and it stays in the
+/// file for `spool verify`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreadable_spool_row_is_skipped_and_the_rows_behind_it_are_replayed() {
+    let (upstream, mut agent, backlog) = spooled_backlog(20).await;
 
     let db = ok(rusqlite::Connection::open(agent.spool_path()));
     let (bad_row, payload): (i64, Vec<u8>) = ok(db.query_row(
@@ -487,23 +495,7 @@ async fn an_unreadable_spool_row_is_skipped_and_the_rows_behind_it_are_replayed(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replay_runs_alongside_live_traffic() {
-    let upstream = Upstream::start().await;
-    upstream.stop().await;
-    let mut agent = ok(AgentProcess::builder()
-        .upstream(&upstream.endpoint())
-        .config_toml(
-            "[batch]\nmax_items = 10\ntimeout = \"5ms\"\n[shutdown]\nflush_budget = \"0s\"\ntimeout = \"10s\"\n",
-        )
-        .start()
-        .await);
-    let backlog = send_all(agent.grpc_addr(), Signal::Metrics, 400, 10).await;
-    agent.signal(SIGTERM);
-    assert!(
-        agent.wait_exit(DEADLINE).await.expect("exits").success(),
-        "{}",
-        agent.stderr()
-    );
-    assert_eq!(spool_contents(agent.spool_path()), (400, 4000));
+    let (upstream, mut agent, backlog) = spooled_backlog(400).await;
 
     // A slow upstream: the backlog of 400 rows takes seconds to drain.
     upstream.set_mode(Mode::Delay(Duration::from_millis(10)));
