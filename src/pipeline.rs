@@ -353,6 +353,9 @@ impl Pipeline {
         let mut rest = parts::cut_to_limit(upstream, &mut batch);
         let give_up_at = tokio::time::Instant::now() + self.retry.max_elapsed;
         let mut refused_cuts = 0;
+        // Items of parts upstream took so far (a spooled batch that stops
+        // midway is sent again whole, these included).
+        let mut taken = 0;
         let mut retry_at = tokio::time::Instant::now();
         loop {
             // While upstream is failing only the probe goes out (src/probe.rs).
@@ -360,10 +363,12 @@ impl Pipeline {
                 Admit::Send { probe } => probe,
                 Admit::Cut => {
                     parts::rejoin(&mut batch, rest);
+                    self.sent_again(&batch, taken);
                     return self.cut_off(batch, false);
                 }
                 Admit::GiveUp => {
                     parts::rejoin(&mut batch, rest);
+                    self.sent_again(&batch, taken);
                     return self.give_up_retrying(batch).await;
                 }
             };
@@ -373,6 +378,7 @@ impl Pipeline {
                 biased;
                 _ = force.cancelled() => {
                     parts::rejoin(&mut batch, rest);
+                    self.sent_again(&batch, taken);
                     self.cut_off(batch, true);
                     return;
                 }
@@ -398,6 +404,7 @@ impl Pipeline {
                     let from_spool = matches!(batch.origin, Origin::Spool { .. });
                     self.metrics
                         .forwarded(signal, batch.items - rejected, from_spool);
+                    taken += batch.items - rejected;
                     if parts::next(&mut batch, &mut rest) {
                         backoff.reset();
                         continue;
@@ -448,6 +455,7 @@ impl Pipeline {
                         tracing::debug!(%signal, cause = %failure.cause, message = %failure.message, ?delay, "export failed; will retry");
                         if started.elapsed() + delay > self.retry.max_elapsed {
                             parts::rejoin(&mut batch, rest);
+                            self.sent_again(&batch, taken);
                             self.give_up_retrying(batch).await;
                             return;
                         }
@@ -455,6 +463,21 @@ impl Pipeline {
                     }
                 },
             }
+        }
+    }
+
+    /// Delivery of a batch in parts stops midway (`taken`: items of the parts
+    /// upstream took). A memory batch keeps only the parts not taken; a
+    /// spooled one stays whole in the spool, so the parts taken will be sent
+    /// again: counted as duplicates risked.
+    fn sent_again(&self, batch: &Batch, taken: u64) {
+        if taken > 0 && matches!(batch.origin, Origin::Spool { .. }) {
+            tracing::warn!(
+                signal = %batch.signal,
+                items = taken,
+                "a spooled batch stopped midway through its parts; its rows stay whole in the spool, so the items upstream already took will be sent again"
+            );
+            self.metrics.add_duplicates_risked(taken);
         }
     }
 

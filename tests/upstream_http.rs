@@ -12,6 +12,8 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use nix::sys::signal::Signal::SIGTERM;
+
 use support::http_upstream::{Answer, HttpUpstream};
 use support::*;
 
@@ -146,6 +148,75 @@ async fn a_400_for_one_clients_request_drops_only_that_request_from_the_batch() 
         (2..=6).contains(&refusals),
         "{refusals} answers of 400: the batch was cut, and only around the bad request"
     );
+}
+
+/// A spooled batch sent in parts that stops midway (here: shutdown while
+/// the second part is refused with 503) stays whole in the spool, so the
+/// part upstream took is sent again when it is replayed. The summary counts
+/// those items as duplicates risked, and they are exactly the duplicates
+/// upstream sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_spooled_batch_stopped_midway_through_its_parts_counts_the_parts_sent_again() {
+    let upstream = HttpUpstream::start().await;
+    let unavailable = || (0..10_000).map(|_| Answer::status_body(503, "not now"));
+    upstream.script(unavailable());
+    let mut agent = ok(AgentProcess::builder()
+        .upstream(&upstream.endpoint())
+        .config_toml(
+            "[batch]\ntimeout = \"2s\"\n[upstream]\nprotocol = \"http/protobuf\"\n\
+             [upstream.retry]\ninitial_backoff = \"2s\"\nmax_backoff = \"2s\"\n\
+             [shutdown]\nflush_budget = \"100ms\"\n",
+        )
+        .start()
+        .await);
+    // One batch of ten requests, refused: shutdown spools it as one row.
+    let requests: Vec<Vec<u64>> = (0..10).map(|_| fresh_ids(10)).collect();
+    ok(send_concurrently(agent.grpc_addr(), Signal::Traces, &requests).await);
+    ok(upstream
+        .wait_until("the batch is refused", DEADLINE, |u| {
+            u.requests(Signal::Traces) >= 1
+        })
+        .await);
+    agent.signal(SIGTERM);
+    assert!(agent.wait_exit(DEADLINE).await.expect("exits").success());
+    assert_eq!(agent.summary_field("spooled"), Some(100));
+
+    // Replayed: too large whole, so sent in parts; upstream takes the first
+    // and refuses the rest until shutdown cuts the delivery off.
+    let row_bytes = upstream.seen()[0].bytes;
+    let refusals = |u: &HttpUpstream| u.seen().iter().filter(|s| s.status == 503).count();
+    let refused_before = refusals(&upstream);
+    upstream.clear_script();
+    upstream.limit(row_bytes - 1);
+    upstream.script(std::iter::once(Answer::status_body(200, "")).chain(unavailable()));
+    ok(agent.restart().await);
+    ok(upstream
+        .wait_until(
+            "the first part is taken and the next refused",
+            DEADLINE,
+            |u| refusals(u) > refused_before && !u.unique_ids(Signal::Traces).is_empty(),
+        )
+        .await);
+    let taken = upstream.unique_ids(Signal::Traces).len() as u64;
+    assert!(
+        taken > 0 && taken < 100,
+        "{taken} of 100 taken in the first part"
+    );
+    agent.signal(SIGTERM);
+    assert!(agent.wait_exit(DEADLINE).await.expect("exits").success());
+    let risked = agent.summary_field("duplicates_risked").expect("summary");
+    assert!(
+        risked >= taken,
+        "the {taken} items taken will be sent again: {risked} duplicates risked counted"
+    );
+
+    // Replayed whole: the part taken before arrives a second time.
+    upstream.clear_script();
+    upstream.limit(usize::MAX);
+    ok(agent.restart().await);
+    let all = id_set(requests.iter().flatten());
+    ok(upstream.wait_for_ids(Signal::Traces, &all, DEADLINE).await);
+    assert_eq!(upstream.duplicates(Signal::Traces) as u64, taken);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -25,7 +25,7 @@
 //! batch is spooled with exactly what upstream has not acknowledged. A spool
 //! row stays whole in the spool: its parts already delivered are sent again
 //! when it is replayed (at-least-once, as for any row whose acknowledgement
-//! was in flight).
+//! was in flight), and their items are counted as duplicates risked.
 
 use std::collections::VecDeque;
 
